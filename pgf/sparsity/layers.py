@@ -1,0 +1,192 @@
+"""Flax layers whose kernels carry an N:M mask.
+
+Every sparse layer of every pgf model is one of these (one code path). A
+layer asks the static `SparsityPlan` (a module attribute, threaded down by the
+model) whether its module path is sparse and with which N:M; the traced
+schedule values (alpha) come from the `sparsity` variable collection that the
+train step fills from the step (`layer_collection`). Without a plan the layer
+is exactly a dense layer. Biases are kept (method.md section 4, defect 5.5).
+
+The forward pass uses w_eff = w * (m + (1 - m) * alpha); the dense kernel
+receives the gradient of w_eff unchanged (straight-through). Recipe-specific
+gradient changes (SR-STE refill, MdGf 'scaled') are optax transforms
+(`pgf.sparsity.transforms`), which read the masks this layer sows into the
+`sparse_masks` collection when it is mutable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import math
+from typing import Any
+
+import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
+import jax
+import jax.numpy as jnp
+
+from pgf.sparsity.masks import nm_mask
+from pgf.sparsity.schedules import SparsityPlan
+
+Initializer = Any
+MASK_COLLECTION = 'sparse_masks'
+SCHEDULE_COLLECTION = 'sparsity'
+
+
+@jax.custom_vjp
+def straight_through_scale(w: jax.Array, scale: jax.Array) -> jax.Array:
+  """w * scale in the forward pass; the gradient reaches `w` unchanged."""
+  return w * scale
+
+
+def _st_fwd(w, scale):
+  return w * scale, None
+
+
+def _st_bwd(_, g):
+  return g, None
+
+
+straight_through_scale.defvjp(_st_fwd, _st_bwd)
+
+
+class _SparseKernelMixin:
+  """Shared by the layers: mask the kernel according to the plan."""
+
+  def _sparse_kernel(self, kernel: jax.Array, in_axes: tuple[int, ...],
+                     out_axes: tuple[int, ...]) -> jax.Array:
+    if not self.sparsity:
+      return kernel
+    path = '/'.join(self.scope.path)
+    rule = self.sparsity.lookup(path)
+    if rule is None:
+      return kernel
+    axes = in_axes if rule.axis == 'in' else out_axes
+    mask = nm_mask(kernel, rule.nm, axes, name=f'{path}/kernel')
+    self.sow(MASK_COLLECTION, 'kernel', mask,
+             init_fn=lambda: None, reduce_fn=lambda _, x: x)
+    # Without schedule values (e.g. a user applying params by hand) the
+    # layer uses the hard mask, as evaluation and export do.
+    if self.has_variable(SCHEDULE_COLLECTION, 'alpha'):
+      alpha = self.get_variable(SCHEDULE_COLLECTION, 'alpha')
+    else:
+      alpha = jnp.zeros((), kernel.dtype)
+    scale = jnp.where(mask, jnp.ones((), kernel.dtype),
+                      jnp.asarray(alpha, kernel.dtype))
+    return straight_through_scale(kernel, scale)
+
+
+class SparseDenseGeneral(_SparseKernelMixin, nn.Module):
+  """DenseGeneral over the last `len(axis)` input axes, maybe N:M sparse.
+
+  kernel: `in_shape + features`, e.g. `(embed, heads, head_dim)` for Q/K/V
+  (contraction axis 0) or `(heads, head_dim, embed)` for an attention output
+  projection (contraction axes 0 and 1).
+
+  Attributes:
+    features: output feature shape.
+    axis: input axes contracted; must be the trailing axes.
+    kernel_axes: logical axis names of the kernel, for sharding.
+    sparsity: the static plan, or None for a dense layer.
+  """
+
+  features: int | Sequence[int]
+  axis: int | Sequence[int] = -1
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  kernel_axes: tuple[str, ...] = ()
+  sparsity: SparsityPlan | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = ((self.features,) if isinstance(self.features, int)
+                else tuple(self.features))
+    axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    axis = tuple(sorted(a % x.ndim for a in axis))
+    if axis != tuple(range(x.ndim - len(axis), x.ndim)):
+      raise ValueError(f'{self.name}: contracted axes {self.axis} must be the '
+                       f'trailing axes of inputs of rank {x.ndim}.')
+    in_shape = tuple(x.shape[a] for a in axis)
+    kernel_shape = in_shape + features
+    n_in = len(in_shape)
+    names = self.kernel_axes or (None,) * len(kernel_shape)
+    if len(names) != len(kernel_shape):
+      raise ValueError(f'{self.name}: kernel_axes {self.kernel_axes} do not '
+                       f'match the kernel shape {kernel_shape}.')
+
+    def init(key, shape, dtype):
+      # Initialise as a 2-D (fan_in, fan_out) matrix, like flax DenseGeneral.
+      flat = (math.prod(shape[:n_in]), math.prod(shape[n_in:]))
+      return self.kernel_init(key, flat, dtype).reshape(shape)
+
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, names),
+                        kernel_shape, self.param_dtype)
+    kernel = self._sparse_kernel(
+        kernel, tuple(range(n_in)), tuple(range(n_in, len(kernel_shape))))
+    bias = None
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          self.bias_init, names[n_in:]), features, self.param_dtype)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(
+        x, kernel, ((axis, tuple(range(n_in))), ((), ())),
+        precision=self.precision)
+    if bias is not None:
+      y = y + bias
+    return y
+
+
+class SparseDense(SparseDenseGeneral):
+  """Dense layer `(in, out)`, maybe N:M sparse along `in` (axis 0)."""
+
+  features: int = 0
+  axis: int = -1
+
+
+class SparseConv(_SparseKernelMixin, nn.Module):
+  """Convolution `(*window, in, out)`; groups run along input channels.
+
+  Used for patch embeddings (dense by default; sparse when a rule matches).
+  """
+
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] | None = None
+  padding: str | Sequence[tuple[int, int]] = 'VALID'
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  kernel_axes: tuple[str, ...] = ()
+  sparsity: SparsityPlan | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    window = tuple(self.kernel_size)
+    kernel_shape = window + (x.shape[-1], self.features)
+    names = self.kernel_axes or (None,) * len(kernel_shape)
+    kernel = self.param('kernel',
+                        nn.with_logical_partitioning(self.kernel_init, names),
+                        kernel_shape, self.param_dtype)
+    nd = len(kernel_shape)
+    kernel = self._sparse_kernel(kernel, (nd - 2,), (nd - 1,))
+    bias = None
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          self.bias_init, names[-1:]), (self.features,), self.param_dtype)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    dn = jax.lax.conv_dimension_numbers(
+        x.shape, kernel.shape, ('NHWC', 'HWIO', 'NHWC') if len(window) == 2
+        else ('NWC', 'WIO', 'NWC'))
+    y = jax.lax.conv_general_dilated(
+        x, kernel, self.strides or (1,) * len(window), self.padding,
+        dimension_numbers=dn, precision=self.precision)
+    if bias is not None:
+      y = y + bias
+    return y
