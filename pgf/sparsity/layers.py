@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import math
 from typing import Any
 
+import flax
 import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 import jax
@@ -31,6 +32,30 @@ from pgf.sparsity.schedules import SparsityPlan
 Initializer = Any
 MASK_COLLECTION = 'sparse_masks'
 SCHEDULE_COLLECTION = 'sparsity'
+
+
+class SparseKernel(nn.LogicallyPartitioned):
+  """A kernel's logical partitioning plus its static group axes.
+
+  `in_axes` are the contraction axes and `out_axes` the output axes of the
+  kernel: the two ways N:M groups can run (method.md section 1). Code outside
+  the layer (sharding checks, statistics, export) reads them from the boxed
+  parameters of `jax.eval_shape(model.init, ...)` without running the model.
+  """
+
+  in_axes: tuple[int, ...] = flax.struct.field(default=(), pytree_node=False)
+  out_axes: tuple[int, ...] = flax.struct.field(default=(), pytree_node=False)
+
+  def group_axes(self, axis: str) -> tuple[int, ...]:
+    return self.in_axes if axis == 'in' else self.out_axes
+
+
+def _kernel_init(fn: Initializer, names: tuple, in_axes: tuple[int, ...],
+                 out_axes: tuple[int, ...]) -> Initializer:
+  def init(*args, **kwargs):
+    return SparseKernel(fn(*args, **kwargs), names, in_axes=in_axes,
+                        out_axes=out_axes)
+  return init
 
 
 @jax.custom_vjp
@@ -123,10 +148,11 @@ class SparseDenseGeneral(_SparseKernelMixin, nn.Module):
       flat = (math.prod(shape[:n_in]), math.prod(shape[n_in:]))
       return self.kernel_init(key, flat, dtype).reshape(shape)
 
-    kernel = self.param('kernel', nn.with_logical_partitioning(init, names),
+    in_axes = tuple(range(n_in))
+    out_axes = tuple(range(n_in, len(kernel_shape)))
+    kernel = self.param('kernel', _kernel_init(init, names, in_axes, out_axes),
                         kernel_shape, self.param_dtype)
-    kernel = self._sparse_kernel(
-        kernel, tuple(range(n_in)), tuple(range(n_in, len(kernel_shape))))
+    kernel = self._sparse_kernel(kernel, in_axes, out_axes)
     bias = None
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
@@ -171,10 +197,10 @@ class SparseConv(_SparseKernelMixin, nn.Module):
     window = tuple(self.kernel_size)
     kernel_shape = window + (x.shape[-1], self.features)
     names = self.kernel_axes or (None,) * len(kernel_shape)
-    kernel = self.param('kernel',
-                        nn.with_logical_partitioning(self.kernel_init, names),
-                        kernel_shape, self.param_dtype)
     nd = len(kernel_shape)
+    kernel = self.param(
+        'kernel', _kernel_init(self.kernel_init, names, (nd - 2,), (nd - 1,)),
+        kernel_shape, self.param_dtype)
     kernel = self._sparse_kernel(kernel, (nd - 2,), (nd - 1,))
     bias = None
     if self.use_bias:
