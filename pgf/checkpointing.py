@@ -1,0 +1,44 @@
+"""Orbax checkpoints of the train state and the data iterator position.
+
+Orbax writes each checkpoint to a temporary directory and renames it when
+complete (atomic); a killed save leaves no half checkpoint behind, and the
+latest complete one is restored on the next run with the same workdir.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain.python as grain
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves {'state', 'data'} every so often and restores the latest."""
+
+  def __init__(self, workdir: str, *, keep: int):
+    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.PyGrainCheckpointSave(data_iterator)))
+
+  def restore(self, step: int, abstract_state, data_iterator):
+    """Returns the restored state; `data_iterator` is set in place."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.PyGrainCheckpointRestore(data_iterator)))
+    return restored['state']
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
