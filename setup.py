@@ -21,6 +21,8 @@ setuptools.setup(
         'etils[epath]>=1.10',
         'flax>=0.11',
         'grain>=0.2.12',
+        # TFDS needs it to prepare builders that live in a package (pgf's).
+        'importlib_resources>=6.0',
         'jax>=0.7',
         'matplotlib>=3.8',
         'ml_collections>=1.0',
