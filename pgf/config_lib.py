@@ -74,9 +74,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _positive('data.mixup_alpha', d.mixup_alpha, zero_ok=True)
   _positive('data.num_workers', d.num_workers, zero_ok=True)
   _choice('data.vocab', d.vocab, ('byte', 'sentencepiece'))
-  if d.vocab == 'sentencepiece' and not d.vocab_path:
-    raise ValueError("data.vocab='sentencepiece' needs data.vocab_path (a "
-                     'SentencePiece .model file).')
   _positive('data.inputs_length', d.inputs_length)
   _positive('data.targets_length', d.targets_length)
   if not 0 < d.noise_density < 1:

@@ -84,18 +84,38 @@ class Progress:
     self.total = total_steps
     self._last_step = start_step
     self._last_time = None
+    self._excluded = 0.0
+
+  def exclude(self, seconds: float) -> None:
+    """Time spent outside training (evaluation, checkpoints) since the last
+    report, left out of the steps/s."""
+    self._excluded += seconds
 
   def report(self, step: int) -> dict:
     now = time.monotonic()
     out = {}
     if self._last_time is not None and step > self._last_step:
-      rate = (step - self._last_step) / (now - self._last_time)
+      elapsed = max(now - self._last_time - self._excluded, 1e-9)
+      rate = (step - self._last_step) / elapsed
       eta = (self.total - step) / rate
       out['train/steps_per_sec'] = rate
       logging.info('step %d/%d (%.1f%%): %.2f steps/s, ETA %s', step,
                    self.total, 100 * step / self.total, rate, _hms(eta))
-    self._last_step, self._last_time = step, now
+    self._last_step, self._last_time, self._excluded = step, now, 0.0
     return out
+
+
+class QuietLibraries:
+  """A logging filter that drops INFO records of chatty libraries (orbax,
+  TFDS, grain) while keeping pgf's and every warning."""
+
+  QUIET = ('orbax', 'tensorflow_datasets', 'grain', 'etils', 'absl/')
+
+  def filter(self, record) -> bool:
+    if record.levelno > 20:
+      return True
+    path = record.pathname.replace('\\', '/')
+    return not any(f'/{q}' in path for q in self.QUIET)
 
 
 def _hms(seconds: float) -> str:

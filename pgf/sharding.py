@@ -9,6 +9,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
+import optax
 
 
 def make_mesh(config, devices=None) -> Mesh:
@@ -44,6 +45,22 @@ def shardings_of(abstract_boxed, mesh: Mesh, rules):
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def optimizer_state_shardings(tx, abstract_opt_state, abstract_params,
+                              param_shardings, mesh: Mesh):
+  """Optimizer state leaves take their parameter's sharding when they have
+  its shape (Adam's moments); others (Adafactor's factored rows/columns,
+  counters) are replicated: they are small."""
+  rep = replicated(mesh)
+
+  def pick(leaf, param, param_sharding):
+    same = getattr(leaf, 'shape', None) == getattr(param, 'shape', ())
+    return param_sharding if same else rep
+
+  return optax.tree_map_params(
+      tx, pick, abstract_opt_state, abstract_params, param_shardings,
+      transform_non_params=lambda _: rep)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P('data'))
 
@@ -57,3 +74,8 @@ def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       local_batch)
+
+
+def mesh_context(mesh: Mesh):
+  """The mesh in context while tracing, for logical sharding constraints."""
+  return jax.set_mesh(mesh)
