@@ -1,0 +1,238 @@
+"""End to end: train_and_evaluate on tiny models and real offline data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import t5_base
+from configs import vit_base
+from pgf import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_vit(data_dir, **overrides):
+  c = vit_base.get_config('mdgf_exp,1:4,runlocal')
+  c.data.data_dir = data_dir
+  c.total_steps = '8'
+  c.batch_size = 16
+  c.eval_batch_size = 128
+  c.log_every = '2'
+  c.eval_every = '4'
+  c.checkpoint_every = '4'
+  c.optimizer.warmup = '2'
+  c.sparsity.ff.decay = 0.1
+  for key, value in overrides.items():
+    section, _, name = key.rpartition('.')
+    (c[section] if section else c)[name] = value
+  return c
+
+
+def read_jsonl(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_vit_trains_logs_evaluates_checkpoints(data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  final = train_lib.train_and_evaluate(tiny_vit(data_dir), workdir)
+  assert set(final) >= {'eval/loss', 'eval/accuracy'}
+  records = read_jsonl(workdir)
+  train = [r for r in records if 'train/loss' in r]
+  assert [r['step'] for r in train] == [2, 4, 6, 8]
+  last = train[-1]
+  for key in ('train/loss', 'train/accuracy', 'train/grad_norm',
+              'train/lr', 'sparsity/ff/alpha', 'sparsity/ff/density',
+              'sparsity/ff/mask_change', 'sparsity/ff/n', 'sparsity/ff/m'):
+    assert key in last, key
+  assert (last['sparsity/ff/n'], last['sparsity/ff/m']) == (1, 4)
+  # MdGf-Exponential, c = 0.1: alpha is exp(-0.1 t) averaged over the
+  # logged steps t = 6, 7 (metrics of a log are the mean since the last).
+  assert last['sparsity/ff/alpha'] == pytest.approx(
+      np.mean(np.exp(-0.1 * np.array([6, 7]))), rel=1e-5)
+  # alpha > 0: every weight of the effective kernel is non-zero.
+  assert last['sparsity/ff/density'] == pytest.approx(1.0, abs=1e-6)
+  assert 0 <= last['sparsity/ff/mask_change'] <= 1
+  evals = [r for r in records if 'eval/accuracy' in r]
+  assert [r['step'] for r in evals] == [4, 8]
+  assert os.path.exists(os.path.join(workdir, 'final_metrics.json'))
+  steps = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert steps == ['4', '8']
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+
+
+def test_resume_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
+  config = tiny_vit(data_dir)
+  full = train_lib.train_and_evaluate(config, str(tmp_path / 'full'))
+
+  # Interrupt after the step-4 checkpoint: the 6th batch raises.
+  workdir = str(tmp_path / 'resumed')
+  real = train_lib.data_lib.make_train_iterator
+
+  class Killed(Exception):
+    pass
+
+  def dying_iterator(*args, **kwargs):
+    it = real(*args, **kwargs)
+    nxt = it.__next__
+    count = {'n': 0}
+
+    class Proxy:
+      def __iter__(self):
+        return self
+
+      def __next__(self):
+        count['n'] += 1
+        if count['n'] == 6:
+          raise Killed()
+        return nxt()
+
+      def get_state(self):
+        return it.get_state()
+
+      def set_state(self, state):
+        return it.set_state(state)
+
+    return Proxy()
+
+  monkeypatch.setattr(train_lib.data_lib, 'make_train_iterator',
+                      dying_iterator)
+  with pytest.raises(Killed):
+    train_lib.train_and_evaluate(config, workdir)
+  monkeypatch.setattr(train_lib.data_lib, 'make_train_iterator', real)
+  resumed = train_lib.train_and_evaluate(config, workdir)
+  for key in ('eval/loss', 'eval/accuracy'):
+    assert resumed[key] == pytest.approx(full[key], rel=1e-6, abs=1e-7)
+  full_log = read_jsonl(str(tmp_path / 'full'))
+  resumed_log = read_jsonl(workdir)
+  strip = lambda rs: [{k: v for k, v in r.items()
+                       if k != 'train/steps_per_sec'} for r in rs]
+  assert [r['step'] for r in resumed_log] == [r['step'] for r in full_log]
+  for a, b in zip(strip(full_log), strip(resumed_log)):
+    assert a.keys() == b.keys()
+    for k in a:
+      assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a['step'], k)
+
+
+def test_compiles_once_per_sdgf_frame(data_dir):
+  c = tiny_vit(data_dir, total_steps='20')
+  c.sparsity.ff.recipe, c.sparsity.ff.sdgf = 'ste', 'stepwise'
+  c.sparsity.ff.n, c.sparsity.ff.m = 1, 8
+  c.sparsity.dense_warmup = '4'
+  s = train_lib.setup(c)
+  state = train_lib.init_state(s, jax.random.key(0))
+  step = train_lib.make_train_step(s)
+  it = train_lib.data_lib.make_train_iterator(
+      c, global_batch_size=c.batch_size, process_index=0, process_count=1)
+  batch = train_lib.sharding.global_batch(
+      next(it), train_lib.sharding.batch_sharding(s.mesh))
+  for t in range(s.run.total):
+    state, _ = step(state, batch, s.schedule.plan(t))
+  plans = s.schedule.distinct_plans()
+  # Dense warm-up, then 7:8, 4:8, 2:8, 1:8.
+  assert [p.describe() for p in plans] == [
+      'dense', 'ff=7:8', 'ff=4:8', 'ff=2:8', 'ff=1:8']
+  assert step.jitted._cache_size() == len(plans)
+
+
+def test_non_finite_loss_stops_without_bad_checkpoint(data_dir, tmp_path):
+  c = tiny_vit(data_dir)
+  c.optimizer.lr = 1e30
+  c.optimizer.clip_norm = 0.0
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(train_lib.NonFiniteLossError, match=r'at step \d+'):
+    train_lib.train_and_evaluate(c, workdir)
+  ckpts = os.path.join(workdir, 'checkpoints')
+  assert not os.path.exists(ckpts) or not [
+      d for d in os.listdir(ckpts) if d.isdigit()]
+
+
+def test_t5_trains_and_decodes(data_dir, tmp_path):
+  c = t5_base.get_config('mdgf_exp,1:16,runlocal')
+  c.data.data_dir = data_dir
+  c.total_steps = '4'
+  c.batch_size = 8
+  c.eval_batch_size = 64
+  c.data.inputs_length = 64
+  c.data.targets_length = 16
+  c.log_every = '2'
+  c.eval_every = '4'
+  c.checkpoint_every = '4'
+  c.num_eval_examples = 2
+  workdir = str(tmp_path / 't5')
+  final = train_lib.train_and_evaluate(c, workdir)
+  assert np.isfinite(final['eval/loss'])
+  records = read_jsonl(workdir)
+  assert records[-1]['step'] == 4
+  assert os.listdir(os.path.join(workdir, 'eval_examples'))
+
+
+def _cli(*args, env=None):
+  return subprocess.run(
+      [sys.executable, '-m', 'pgf.train', *args], cwd=REPO,
+      capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_mistyped_key_fails_at_parsing():
+  r = _cli('--config=configs/vit_base.py:runlocal',
+           '--config.sparsity.ff.nn=1', '--dry_run')
+  assert r.returncode != 0
+  assert 'nn' in r.stderr
+
+
+def test_cli_bad_value_one_clear_error(tmp_path):
+  r = _cli('--config=configs/vit_base.py:runlocal',
+           '--config.sparsity.ff.recipe=magic', '--dry_run')
+  assert r.returncode != 0
+  assert "sparsity.ff.recipe='magic'" in r.stderr
+  assert 'mdgf_exp' in r.stderr
+  assert 'Traceback' not in r.stderr
+
+
+def test_dry_run_vit_base_prints_parameter_count():
+  r = _cli('--config=configs/vit_base_1to16_mdgf.py', '--dry_run')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert '86,567,656' in r.stdout
+  assert 'ff=1:16' in r.stdout
+  assert 'FLOPs' in r.stdout
+
+
+MESH_SCRIPT = r'''
+import json, sys
+import jax
+from configs import vit_base
+from pgf import train as train_lib
+c = vit_base.get_config('srste,1:4,runlocal')
+c.data.data_dir = sys.argv[1]
+c.total_steps = '4'; c.batch_size = 16; c.eval_batch_size = 64
+c.log_every = '4'; c.eval_every = '4'; c.checkpoint_every = '4'
+c.mesh.data = int(sys.argv[3]); c.mesh.model = int(sys.argv[4])
+devices = jax.devices()[:c.mesh.data * c.mesh.model]
+import pgf.sharding as sh
+real = sh.make_mesh
+train_lib.sharding.make_mesh = lambda config, d=None: real(config, devices)
+final = train_lib.train_and_evaluate(c, sys.argv[2])
+print('RESULT', json.dumps(final))
+'''
+
+
+def test_mesh_of_8_devices_matches_single_device(data_dir, tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  results = []
+  for data, model in ((1, 1), (4, 2)):
+    r = subprocess.run(
+        [sys.executable, '-c', MESH_SCRIPT, data_dir,
+         str(tmp_path / f'mesh{data}x{model}'), str(data), str(model)],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [x for x in r.stdout.splitlines() if x.startswith('RESULT')][-1]
+    results.append(json.loads(line.split(' ', 1)[1]))
+  single, sharded = results
+  for key in ('eval/loss', 'eval/accuracy'):
+    assert sharded[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5)
