@@ -494,15 +494,20 @@ def dry_run(config) -> str:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    'config', DEFAULT_CONFIG, 'Experiment config file (configs/*.py), '
-    'optionally with an argument: file.py:runlocal.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and results; '
-                    'default: workdirs/<config file name>[_<arg>].')
-flags.DEFINE_bool('dry_run', False, 'Validate the config, describe the run '
-                  '(parameters, FLOPs, mesh) and exit without training.')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
-                  'first (multi-host GPU clusters and TPU pods).')
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when pgf.train is the program, so
+  that other programs can import it as a library)."""
+  config_flags.DEFINE_config_file(
+      'config', DEFAULT_CONFIG, 'Experiment config file (configs/*.py), '
+      'optionally with an argument: file.py:runlocal.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and results; '
+                      'default: workdirs/<config file name>[_<arg>].')
+  flags.DEFINE_bool('dry_run', False, 'Validate the config, describe the run '
+                    '(parameters, FLOPs, mesh) and exit without training.')
+  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
+                    'first (multi-host GPU clusters and TPU pods).')
 
 
 def _default_workdir() -> str:
@@ -539,5 +544,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   jax.config.config_with_absl()
   app.run(main)

@@ -236,3 +236,20 @@ def test_mesh_of_8_devices_matches_single_device(data_dir, tmp_path):
   single, sharded = results
   for key in ('eval/loss', 'eval/accuracy'):
     assert sharded[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5)
+
+
+def test_grad_accumulation_matches_full_batch(data_dir, tmp_path):
+  # No dropout in runlocal: the mean of the micro-batch gradients equals the
+  # full-batch gradient, so both runs must agree to float precision.
+  c1 = tiny_vit(data_dir, total_steps='4', eval_every='4',
+                checkpoint_every='4')
+  c2 = tiny_vit(data_dir, total_steps='4', eval_every='4',
+                checkpoint_every='4', grad_accum_steps=4)
+  a = train_lib.train_and_evaluate(c1, str(tmp_path / 'a'))
+  b = train_lib.train_and_evaluate(c2, str(tmp_path / 'b'))
+  for key in ('eval/loss', 'eval/accuracy'):
+    assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6)
+  la, lb = read_jsonl(str(tmp_path / 'a')), read_jsonl(str(tmp_path / 'b'))
+  for ra, rb in zip(la, lb):
+    if 'train/loss' in ra:
+      assert rb['train/loss'] == pytest.approx(ra['train/loss'], rel=1e-4)
