@@ -31,7 +31,7 @@ def to_steps(value: str | int, *, total_steps: int | None,
       if not steps_per_epoch:
         raise ValueError(f'{key}={text!r} is in epochs but the number of '
                          'steps per epoch is not known here.')
-      return int(round(float(match.group(1)) * steps_per_epoch))
+      return int(math.floor(float(match.group(1)) * steps_per_epoch + 0.5))
     if match := re.fullmatch(r'(\d+(?:\.\d*)?)\s*%', text):
       fraction = float(match.group(1)) / 100
     elif re.fullmatch(r'\d*\.\d*', text) and text != '.':

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
+import re
 
 import flax
 import jax
@@ -74,6 +75,12 @@ def check_placement(plans: Sequence[SparsityPlan],
   M (method.md section 1: the authors' code lets groups straddle rows).
   """
   for plan in plans:
+    for path in infos:
+      hits = [r.group for r in plan.rules if re.search(r.layers, path)]
+      if len(hits) > 1:
+        raise ValueError(
+            f'Layer {path} is selected by several sparsity roles {hits}; '
+            'make their sparsity.<role>.layers regexes disjoint.')
     for rule in plan.rules:
       if not any(plan.lookup(p) == rule for p in infos):
         raise ValueError(

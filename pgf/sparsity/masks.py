@@ -113,6 +113,10 @@ def nm_mask(w: jax.Array, nm: NM, axes: int | Sequence[int] = 0, *,
   if n == m:
     return jnp.ones(w.shape, bool)
   mag = jax.lax.stop_gradient(jnp.abs(w)).astype(jnp.float32)
+  # Finite magnitudes only: the passes below mark chosen entries with +-inf,
+  # which must never tie with a weight (an inf weight would otherwise be
+  # chosen twice and the group would keep more than N).
+  mag = jnp.minimum(mag, jnp.finfo(jnp.float32).max)
   g = _grouped(mag, axes, m)
   gaxis = axes[0] + 1
   iota_shape = [1] * g.ndim

@@ -235,10 +235,17 @@ class SparsitySchedule:
     """Hard-mask plan for evaluation: the current pattern, or the final one
     during the dense warm-up, so a reported accuracy is that of an N:M model.
     """
-    return self.plan(max(step, self.sparse_start))
+    if self.phase(step) == 'dense':
+      return self.final_plan()
+    return self.plan(step)
 
   def final_plan(self) -> SparsityPlan:
-    return self.plan(self.total_steps - 1 if self.sparse_groups else 0)
+    """The target pattern of every sparse group (the last SdGf frame), even
+    when the run is too short to reach it; what export and the final
+    evaluation use."""
+    return SparsityPlan(tuple(
+        LayerRule(g.name, g.layers, sdgf_frames(g)[-1], g.axis)
+        for g in self.sparse_groups))
 
   def distinct_plans(self) -> tuple[SparsityPlan, ...]:
     """Every training plan of the run, in order (bounded: one per frame)."""

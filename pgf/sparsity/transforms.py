@@ -78,7 +78,8 @@ def srste_refill() -> optax.GradientTransformationExtraArgs:
       if 'srste_lambda' not in vals:
         return g
       lam = vals['srste_lambda'].astype(g.dtype)
-      return g + jnp.where(mask, jnp.zeros((), g.dtype), lam * w.astype(g.dtype))
+      return g + jnp.where(mask, jnp.zeros((), g.dtype),
+                           lam * w.astype(g.dtype))
     if params is None:
       raise ValueError('srste_refill needs params in update().')
     return _map_sparse(fn, updates, params, masks, sparsity), state
