@@ -87,7 +87,9 @@ def test_hard_mask_recipes_have_alpha_zero(recipe):
   sched = SparsitySchedule((_group(recipe=recipe),), total_steps=100,
                            dense_steps=10, fine_tune_steps=10)
   v = _alpha_curve(sched, np.arange(100))
-  assert (v['alpha'] == 0).all() and (v['grad_scale'] == 1).all()
+  # alpha is 1 (no mask) in the dense warm-up, then 0: a hard mask.
+  assert (v['alpha'][:10] == 1).all() and (v['alpha'][10:] == 0).all()
+  assert (v['grad_scale'] == 1).all()
 
 
 # -- phases -------------------------------------------------------------------
@@ -226,7 +228,8 @@ def test_grad_scale_and_srste_lambda():
   curve = {g: _alpha_curve(sched, steps, group=g) for g in 'abcd'}
   a = curve['a']
   np.testing.assert_allclose(a['alpha'], np.where(
-      sparse, np.exp(-0.05 * (steps - 10)), 0), rtol=1e-6, atol=1e-7)
+      sparse, np.exp(-0.05 * (steps - 10)), np.where(steps < 10, 1, 0)),
+                             rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(a['grad_scale'],
                                 np.where(sparse, a['alpha'], 1.0))
   assert (a['grad_scale'][sparse] < 1).sum() == sparse.sum() - 1
@@ -255,12 +258,12 @@ def test_sdgf_with_mdgf_and_srste():
   steps = np.arange(100)
   c = _alpha_curve(sched, steps)
   np.testing.assert_allclose(
-      c['alpha'], np.where(steps >= 20, np.exp(-0.01 * (steps - 20)), 0),
+      c['alpha'], np.where(steps >= 20, np.exp(-0.01 * (steps - 20)), 1),
       rtol=1e-6)
   q = _alpha_curve(sched, steps, group='q')
   np.testing.assert_allclose(q['srste_lambda'],
                              np.where(steps >= 20, 2e-4, 0), rtol=1e-6)
-  assert (q['alpha'] == 0).all()
+  assert (q['alpha'][:20] == 1).all() and (q['alpha'][20:] == 0).all()
   plan = sched.plan(45)
   assert plan.describe() == 'ff=4:8, q=4:32'
   assert plan.lookup('block_0/mlp/wi') == LayerRule('ff', 'mlp', NM(4, 8),
@@ -312,8 +315,13 @@ def test_distinct_plans_random_schedules():
         pats = [NM(4, 8), NM(2, 8), NM(1, 8)][-len(starts):]
         kw['custom_frames'] = tuple(zip(starts, pats))
       groups.append(_group(name, nm=nm, sdgf=sdgf, layers=name, **kw))
-    sched = SparsitySchedule(tuple(groups), total_steps=total,
-                             dense_steps=dense, fine_tune_steps=ft)
+    try:
+      sched = SparsitySchedule(tuple(groups), total_steps=total,
+                               dense_steps=dense, fine_tune_steps=ft)
+    except ValueError as e:
+      # A sparse phase too short for a group's frames is refused.
+      assert 'too few for its' in str(e)
+      continue
     assert list(sched.distinct_plans()) == _first_appearance(sched), sched
 
 
@@ -330,10 +338,13 @@ def test_eval_and_final_plan():
   for step in (10, 25, 49, 50, 59):
     assert sched.eval_plan(step) == sched.plan(step)
   assert sched.eval_plan(10).describe() == 'ff=15:16'
-  # A run too short to reach every frame still exports the target pattern.
-  short = SparsitySchedule((group,), total_steps=3)
-  assert short.plan(2).describe() != 'ff=1:16'
-  assert short.final_plan() == final
+  # A sparse phase too short to visit every frame is refused.
+  with pytest.raises(ValueError, match=r'sparsity.ff: the sparse phase has 3 '
+                     r'steps, too few for its 5 SdGf frames'):
+    SparsitySchedule((group,), total_steps=3)
+  # Only fine-tune (no sparse phase) trains the target pattern throughout.
+  only_ft = SparsitySchedule((group,), total_steps=3, fine_tune_steps=3)
+  assert only_ft.plan(0) == final and only_ft.final_plan() == final
 
 
 def test_plan_lookup_first_rule_wins_and_layer_collection():

@@ -185,6 +185,20 @@ class SparsitySchedule:
     names = [g.name for g in self.groups]
     if len(set(names)) != len(names):
       raise ValueError(f'sparsity groups have duplicate names: {names}.')
+    length = self.fine_tune_start - self.sparse_start
+    for g in self.sparse_groups:
+      # A sparse phase shorter than the SdGf frame map would silently skip
+      # frames (possibly the target): refuse it.
+      frames = sdgf_frames(g)
+      last_start = g.custom_frames[-1][0] if g.sdgf == 'custom' else (
+          len(frames) - 1)
+      if length and last_start >= length:
+        raise ValueError(
+            f'sparsity.{g.name}: the sparse phase has {length} steps, too '
+            f'few for its {len(frames)} SdGf frames '
+            f'({", ".join(map(str, frames))}; the last starts at step '
+            f'{last_start} of the phase). Lengthen total_steps or shorten '
+            'sparsity.dense_warmup / sparsity.fine_tune.')
 
   @property
   def sparse_groups(self) -> tuple[GroupSpec, ...]:
@@ -288,7 +302,11 @@ class SparsitySchedule:
         decayed = jnp.exp(-g.decay * jnp.maximum(t, 0.0))
       else:
         decayed = jnp.zeros((), jnp.float32)
-      alpha = jnp.where(in_sparse, decayed, 0.0) if train else jnp.zeros(())
+      # Mask value of pruned weights: 1 (no mask) in the dense warm-up, the
+      # recipe's value in the sparse phase, 0 in fine-tune and evaluation.
+      alpha = jnp.where(step < self.sparse_start, 1.0,
+                        jnp.where(in_sparse, decayed, 0.0))
+      alpha = alpha if train else jnp.zeros(())
       scaled = g.is_mdgf and g.mdgf_grad == 'scaled'
       grad_scale = jnp.where(in_sparse, alpha, 1.0) if scaled else jnp.ones(())
       lam = (jnp.where(in_sparse, g.srste_lambda, 0.0)
