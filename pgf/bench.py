@@ -58,22 +58,6 @@ def _config_for(base, role, recipe, sdgf, n, m):
   return c
 
 
-def _time(fn, state, batch, steps, repeats):
-  """(compile+first-call seconds, median seconds per step)."""
-  t = time.perf_counter()
-  state, m = fn(state, batch)
-  jax.block_until_ready((state, m))
-  first = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    for _ in range(steps):
-      state, m = fn(state, batch)
-    jax.block_until_ready((state, m))
-    times.append((time.perf_counter() - t) / steps)
-  return first, statistics.median(times), state
-
-
 def _peak_memory():
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get('peak_bytes_in_use')
@@ -81,8 +65,13 @@ def _peak_memory():
 
 def bench_rows(config, *, role, patterns, recipes, sdgf_target, steps,
                repeats):
-  """Runs every row; returns a list of dicts."""
-  rows = []
+  """Builds every row, compiles each, then times them round-robin.
+
+  Timing windows of all rows are interleaved (row 1, row 2, ..., row 1, ...)
+  so that a slow drift of the machine's load affects every row alike; each
+  row reports the median of its windows.
+  """
+  rows = []  # dicts with name, pattern, fn, state
   batch_local = None
 
   def run_setup(c):
@@ -100,19 +89,20 @@ def bench_rows(config, *, role, patterns, recipes, sdgf_target, steps,
     return s, state, batch
 
   def add(name, pattern, fn, state, batch):
-    first, sec, state = _time(fn, state, batch, steps, repeats)
-    rows.append(dict(row=name, pattern=pattern, ms_per_step=1e3 * sec,
-                     first_call_s=first, peak_bytes=_peak_memory()))
-    logging.info('%s %s: %.3f ms/step (first call %.2f s)', name, pattern,
-                 1e3 * sec, first)
-    return state
+    t = time.perf_counter()
+    state, m = fn(state, batch)
+    jax.block_until_ready((state, m))
+    rows.append(dict(row=name, pattern=pattern, fn=fn, state=state,
+                     batch=batch, first_call_s=time.perf_counter() - t,
+                     times=[]))
+    logging.info('compiled %s %s', name, pattern)
 
-  # Dense with pgf's step, and a plain Flax step over the same model.
   s, state, batch = run_setup(_config_for(config, role, 'dense', 'none', 1, 1))
   step = train_lib.make_train_step(s)
   plan = s.schedule.plan(0)
-  state = add('dense', '-', lambda st, b: step(st, b, plan), state, batch)
-  add('plain_flax', '-', _plain_step(s), state.params, batch)
+  add('dense', '-', lambda st, b: step(st, b, plan), state, batch)
+  _, state2, _ = run_setup(_config_for(config, role, 'dense', 'none', 1, 1))
+  add('plain_flax', '-', _plain_step(s), state2.params, batch)
 
   def sparse_rows(name, recipe, sdgf, n, m, all_frames):
     c = _config_for(config, role, recipe, sdgf, n, m)
@@ -120,11 +110,12 @@ def bench_rows(config, *, role, patterns, recipes, sdgf_target, steps,
     step = train_lib.make_train_step(s)
     plans = s.schedule.distinct_plans() if all_frames else (
         s.schedule.plan(s.schedule.sparse_start),)
-    for plan in plans:
-      if not plan:
-        continue
-      state = add(name, plan.describe(),
-                  lambda st, b, p=plan: step(st, b, p), state, batch)
+    for i, plan in enumerate(plans):
+      if plan:
+        # Every row owns its state: the step donates it.
+        own = state if i == 0 else train_lib.init_state(s, jax.random.key(0))
+        add(name, plan.describe(), lambda st, b, p=plan: step(st, b, p),
+            own, batch)
 
   for pattern in patterns:
     n, m = (int(x) for x in pattern.split(':'))
@@ -133,10 +124,26 @@ def bench_rows(config, *, role, patterns, recipes, sdgf_target, steps,
   n, m = (int(x) for x in sdgf_target.split(':'))
   for sdgf in ('stepwise', 'geometric'):
     sparse_rows(f'sdgf_{sdgf}', 'ste', sdgf, n, m, all_frames=True)
-  dense_ms = rows[0]['ms_per_step']
+
+  for _ in range(repeats):
+    for r in rows:
+      state = r['state']
+      t = time.perf_counter()
+      for _ in range(steps):
+        state, m = r['fn'](state, r['batch'])
+      jax.block_until_ready((state, m))
+      r['times'].append((time.perf_counter() - t) / steps)
+      r['state'] = state
+  out = []
   for r in rows:
-    r['ratio_to_dense'] = r['ms_per_step'] / dense_ms
-  return rows
+    ms = 1e3 * statistics.median(r['times'])
+    out.append(dict(row=r['row'], pattern=r['pattern'], ms_per_step=ms,
+                    ms_min=1e3 * min(r['times']),
+                    first_call_s=r['first_call_s'],
+                    peak_bytes=_peak_memory()))
+  for r in out:
+    r['ratio_to_dense'] = r['ms_per_step'] / out[0]['ms_per_step']
+  return out
 
 
 def _plain_step(s):

@@ -46,15 +46,13 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
 class TrainState:
   """Everything that changes during training; all of it is checkpointed.
 
-  masks: the current N:M mask of every sparse kernel (all True while the
-    run is dense); log_masks: the masks at the last log, for the
-    'mask change since the last log' metric.
+  log_masks: the N:M masks of the sparse kernels at the last log (all True
+    before the first), for the 'mask change since the last log' metric.
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
-  masks: Any
   log_masks: Any
 
 
@@ -112,8 +110,7 @@ def abstract_model(config, run, schedule, task):
   def init_boxed(rng):
     params = model.init(rng, *_init_args(task, batch), train=False)['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(nn.unbox(params)), masks={},
-                      log_masks={})
+                      opt_state=tx.init(nn.unbox(params)), log_masks={})
 
   abstract = jax.eval_shape(init_boxed, jax.random.key(0))
   infos = sp.kernel_infos(abstract.params)
@@ -124,7 +121,7 @@ def abstract_model(config, run, schedule, task):
   mask_template = _nest({
       f'{p}/kernel': jax.ShapeDtypeStruct(infos[p].shape, jnp.bool_)
       for p in sparse_layers})
-  abstract = abstract.replace(masks=mask_template, log_masks=mask_template)
+  abstract = abstract.replace(log_masks=mask_template)
   return abstract, infos, sparse_layers, tx, lr_fn
 
 
@@ -155,7 +152,7 @@ def setup(config, *, devices=None) -> Setup:
   kernel_sh = _flat(state_sharding.params)
   mask_sh = _nest({f'{p}/kernel': kernel_sh[f'{p}/kernel']
                    for p in sparse_layers})
-  state_sharding = state_sharding.replace(masks=mask_sh, log_masks=mask_sh)
+  state_sharding = state_sharding.replace(log_masks=mask_sh)
   return Setup(config=config, info=info, run=run, schedule=schedule,
                task=task, mesh=mesh, rules=rules, tx=tx, lr_fn=lr_fn,
                infos=infos, layer_paths=tuple(sorted(infos)),
@@ -180,8 +177,7 @@ def init_state(s: Setup, rng) -> TrainState:
     masks = _nest({f'{p}/kernel': jnp.ones(s.infos[p].shape, jnp.bool_)
                    for p in s.sparse_layers})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=s.tx.init(params), masks=masks,
-                      log_masks=masks)
+                      opt_state=s.tx.init(params), log_masks=masks)
 
   with sharding.mesh_context(s.mesh), nn.logical_axis_rules(s.rules):
     return jax.jit(init, out_shardings=s.state_sharding)(rng)
@@ -195,7 +191,8 @@ def make_train_step(s: Setup):
   def step_fn(state: TrainState, batch, plan: sp.SparsityPlan):
     model = task.build_model(plan)
     values = schedule.values(state.step)
-    coll = sp.layer_collection(values, plan, s.layer_paths)
+    coll = sp.layer_collection(sp.needed_values(schedule, values), plan,
+                               s.layer_paths)
     rng = jax.random.fold_in(base_rng, state.step)
 
     def loss_fn(params, mb, rng):
@@ -229,7 +226,6 @@ def make_train_step(s: Setup):
           body, (grads, metrics), (rest, jnp.arange(1, accum)))
       grads = jax.tree.map(lambda g: g / accum, grads)
       metrics = jax.tree.map(lambda m: m / accum, metrics)
-    masks = masks if plan else state.masks
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params,
                                      masks=masks, sparsity=coll)
     params = jax.tree.map(jnp.add, state.params, updates)
@@ -239,7 +235,7 @@ def make_train_step(s: Setup):
     for group, vals in values.items():
       metrics[f'{group}/alpha'] = vals['alpha']
     new_state = state.replace(step=state.step + 1, params=params,
-                              opt_state=opt_state, masks=masks)
+                              opt_state=opt_state)
     return new_state, metrics
 
   batch_sh = sharding.batch_sharding(s.mesh)
@@ -263,31 +259,44 @@ def optax_global_norm(tree) -> jax.Array:
 
 def make_sparsity_stats(s: Setup):
   """Per group: density of the effective weights and the fraction of mask
-  entries that changed since the last log; returns the new log masks."""
+  entries that changed since the last log; stores the masks as log masks.
+
+  Runs only at log steps, so the train step itself carries no masks: they
+  are recomputed here from the params (the same pure function of the
+  weights the layers use).
+  """
   schedule = s.schedule
 
-  def stats_fn(state: TrainState):
+  def stats_fn(state: TrainState, plan: sp.SparsityPlan):
     values = schedule.values(state.step - 1)
-    params, masks, old = _flat(state.params), _flat(state.masks), _flat(
-        state.log_masks)
+    params, old = _flat(state.params), _flat(state.log_masks)
+    masks = sp.masks_from_params(state.params, plan, s.infos)
+    new_log = dict(old)
     out, sums = {}, {}
     for path, group in s.sparse_layers.items():
-      w, m, o = params[f'{path}/kernel'], masks[f'{path}/kernel'], old[
-          f'{path}/kernel']
-      alpha = values[group]['alpha'] if group in values else 1.0
+      w, o = params[f'{path}/kernel'], old[f'{path}/kernel']
+      m = masks.get(path, jnp.ones(w.shape, bool))  # Dense phase: no mask.
+      alpha = values[group]['alpha']
       nonzero = jnp.where(m, w != 0, (w != 0) & (alpha != 0))
       acc = sums.setdefault(group, [0.0, 0.0, 0])
       acc[0] = acc[0] + nonzero.sum()
       acc[1] = acc[1] + (m != o).sum()
       acc[2] += w.size
+      new_log[f'{path}/kernel'] = m
     for group, (nz, changed, size) in sums.items():
       out[f'sparsity/{group}/density'] = nz / size
       out[f'sparsity/{group}/mask_change'] = changed / size
-    return out, state.replace(log_masks=state.masks)
+    return out, state.replace(log_masks=_nest(new_log))
 
-  return jax.jit(stats_fn, donate_argnums=0,
-                 out_shardings=(sharding.replicated(s.mesh),
-                                s.state_sharding))
+  jitted = jax.jit(stats_fn, static_argnums=1, donate_argnums=0,
+                   out_shardings=(sharding.replicated(s.mesh),
+                                  s.state_sharding))
+
+  def stats(state, plan):
+    with sharding.mesh_context(s.mesh), nn.logical_axis_rules(s.rules):
+      return jitted(state, plan)
+
+  return stats
 
 
 def make_eval_step(s: Setup):
@@ -401,7 +410,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       summary = {k.replace('train/', 'sparsity/') if k.endswith('/alpha')
                  else k: v for k, v in summary.items()}
       if s.sparse_layers:
-        stats, state = stats_step(state)
+        stats, state = stats_step(state, plan)
         summary.update(jax.device_get(stats))
         for rule in plan.rules:
           summary[f'sparsity/{rule.group}/n'] = rule.nm.n

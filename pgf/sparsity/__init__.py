@@ -34,6 +34,7 @@ from pgf.sparsity.schedules import LayerRule
 from pgf.sparsity.schedules import SparsityPlan
 from pgf.sparsity.schedules import SparsitySchedule
 from pgf.sparsity.schedules import layer_collection
+from pgf.sparsity.schedules import needed_values
 from pgf.sparsity.schedules import sdgf_frames
 from pgf.sparsity.transforms import decaying_mask_flow
 from pgf.sparsity.transforms import sparse_gradients

@@ -113,12 +113,24 @@ def nm_mask(w: jax.Array, nm: NM, axes: int | Sequence[int] = 0, *,
   if n == m:
     return jnp.ones(w.shape, bool)
   mag = jax.lax.stop_gradient(jnp.abs(w)).astype(jnp.float32)
-  # Finite magnitudes only: the passes below mark chosen entries with +-inf,
-  # which must never tie with a weight (an inf weight would otherwise be
-  # chosen twice and the group would keep more than N).
+  # Cap at the float32 maximum so inf weights behave as the largest finite.
   mag = jnp.minimum(mag, jnp.finfo(jnp.float32).max)
   g = _grouped(mag, axes, m)
   gaxis = axes[0] + 1
+  if m >= 32 and min(n, m - n) > 2:
+    # Wide groups: plain max/min passes vectorise far better than arg-max
+    # (a variadic reduction); they are exact unless ties straddle the
+    # cut-off, in which case the arg-max selection decides.
+    fast, exact = _select_by_value(g, n, m, gaxis)
+    keep = jax.lax.cond(exact, lambda: fast,
+                        lambda: _select_by_index(g, n, m, gaxis))
+  else:
+    keep = _select_by_index(g, n, m, gaxis)
+  return keep.reshape(w.shape)
+
+
+def _select_by_index(g: jax.Array, n: int, m: int, gaxis: int) -> jax.Array:
+  """Exact top-N along `gaxis`; ties keep the lower index."""
   iota_shape = [1] * g.ndim
   iota_shape[gaxis] = m
   iota = jnp.arange(m).reshape(iota_shape)
@@ -130,16 +142,37 @@ def nm_mask(w: jax.Array, nm: NM, axes: int | Sequence[int] = 0, *,
       idx = jnp.argmax(jnp.where(keep, -jnp.inf, g), axis=gaxis,
                        keepdims=True)
       keep = keep | (iota == idx)
+    return keep
+  # Drop: M - N passes of arg-min; ties drop the highest index first so
+  # that, as above, lower indices are kept.
+  drop = jnp.zeros(g.shape, bool)
+  for _ in range(m - n):
+    rev = jnp.flip(jnp.where(drop, jnp.inf, g), axis=gaxis)
+    idx = m - 1 - jnp.argmin(rev, axis=gaxis, keepdims=True)
+    drop = drop | (iota == idx)
+  return ~drop
+
+
+def _select_by_value(g: jax.Array, n: int, m: int, gaxis: int
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Top-N by repeated max (or bottom M-N by min); returns (mask, exact).
+
+  Each pass takes every element equal to the current extreme, so the result
+  is the exact top-N whenever each group ends with exactly N kept; `exact`
+  says whether that holds for every group.
+  """
+  if n <= m - n:
+    keep = jnp.zeros(g.shape, bool)
+    for _ in range(n):
+      top = jnp.max(jnp.where(keep, -jnp.inf, g), axis=gaxis, keepdims=True)
+      keep = keep | (g == top)
   else:
-    # Drop: M - N passes of arg-min; ties drop the highest index first so
-    # that, as above, lower indices are kept.
     drop = jnp.zeros(g.shape, bool)
     for _ in range(m - n):
-      rev = jnp.flip(jnp.where(drop, jnp.inf, g), axis=gaxis)
-      idx = m - 1 - jnp.argmin(rev, axis=gaxis, keepdims=True)
-      drop = drop | (iota == idx)
+      low = jnp.min(jnp.where(drop, jnp.inf, g), axis=gaxis, keepdims=True)
+      drop = drop | (g == low)
     keep = ~drop
-  return keep.reshape(w.shape)
+  return keep, jnp.all(jnp.sum(keep, axis=gaxis) == n)
 
 
 def nm_mask_reference(w: np.ndarray, nm: NM,

@@ -317,6 +317,23 @@ class SparsitySchedule:
     return out
 
 
+def needed_values(schedule: SparsitySchedule,
+                  values: Mapping[str, Mapping[str, jnp.ndarray]]) -> dict:
+  """`values` without the entries a group's recipe never uses (the SR-STE
+  lambda of a non-SR-STE group, the gradient scale unless MdGf 'scaled'), so
+  the optax transforms skip those groups at trace time instead of applying
+  a scale of 1 or a term of 0 at every step."""
+  out = {}
+  for g in schedule.sparse_groups:
+    keep = {'alpha'}
+    if g.recipe == 'srste':
+      keep.add('srste_lambda')
+    if g.is_mdgf and g.mdgf_grad == 'scaled':
+      keep.add('grad_scale')
+    out[g.name] = {k: v for k, v in values[g.name].items() if k in keep}
+  return out
+
+
 def layer_collection(values: Mapping[str, Mapping[str, jnp.ndarray]],
                      plan: SparsityPlan,
                      layer_paths: tuple[str, ...]) -> dict:
