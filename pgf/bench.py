@@ -147,9 +147,11 @@ def bench_rows(config, *, role, patterns, recipes, sdgf_target, steps,
 
 
 def _plain_step(s):
-  """value_and_grad + optax.adamw over the dense model: no pgf extras."""
+  """value_and_grad + the run's optax chain over the dense model, as a plain
+  Flax loop would write it: no sparsity collection, metrics or rng folding
+  (pgf's sparse transforms are identities without masks)."""
   model = s.task.build_model(None)
-  tx = optax.adamw(1e-3)
+  tx = s.tx
 
   def step(carry, batch):
     params, opt_state = carry

@@ -25,17 +25,20 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator) -> None:
+  def save(self, step: int, state, data_iterator, host: dict) -> None:
+    """`host`: JSON-able host-side state (e.g. metrics not yet logged)."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.PyGrainCheckpointSave(data_iterator)))
+        data=grain.PyGrainCheckpointSave(data_iterator),
+        host=ocp.args.JsonSave(host)))
 
   def restore(self, step: int, abstract_state, data_iterator):
-    """Returns the restored state; `data_iterator` is set in place."""
+    """Returns (state, host); `data_iterator` is set in place."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=grain.PyGrainCheckpointRestore(data_iterator)))
-    return restored['state']
+        data=grain.PyGrainCheckpointRestore(data_iterator),
+        host=ocp.args.JsonRestore()))
+    return restored['state'], restored['host']
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

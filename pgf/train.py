@@ -376,10 +376,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       process_index=jax.process_index(), process_count=jax.process_count())
   ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
   start = ckpt.latest_step()
+  host = {'pending': []}
   if start is not None:
     logging.info('Resuming from checkpoint at step %d in %s.', start,
                  ckpt.directory)
-    state = ckpt.restore(start, state, train_iter)
+    state, host = ckpt.restore(start, state, train_iter)
   start = int(state.step)
   writer = metrics_lib.MetricWriter(
       workdir, enabled=jax.process_index() == 0, resume_step=start)
@@ -391,7 +392,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   eval_step = make_eval_step(s)
   progress = metrics_lib.Progress(s.run.total, start)
   batch_sh = sharding.batch_sharding(s.mesh)
-  pending: list[tuple[int, dict]] = []
+  # Per-step train metrics since the last log; saved with checkpoints so
+  # that a resumed run logs the same means as an uninterrupted one.
+  pending: list[tuple[int, dict]] = [
+      (st, m) for st, m in host['pending']]
   final: dict[str, float] = {}
   last_eval: dict[str, float] = {}
   t0 = time.monotonic()
@@ -427,7 +431,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if done % s.run.checkpoint_every == 0 or is_last:
       pending = jax.device_get(pending)
       _check_finite(pending)
-      ckpt.save(done, state, train_iter)
+      ckpt.save(done, state, train_iter, {'pending': [
+          (st, {k: float(v) for k, v in m.items()}) for st, m in pending]})
     progress.exclude(time.monotonic() - t)
   ckpt.wait()
   ckpt.close()
