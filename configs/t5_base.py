@@ -74,13 +74,13 @@ def get_config(arg=None):
     c.data.pack = False
     c.batch_size = 32
     c.eval_batch_size = 64
-    c.total_steps = '600'
+    c.total_steps = '2000'
     c.z_loss = 1e-4
     c.optimizer.lr = 0.01
     c.optimizer.warmup = '100'
-    c.sparsity.ff.decay = 1e-2
+    c.sparsity.ff.decay = 4e-3  # alpha(1000) = 0.02.
     c.log_every = '50'
-    c.eval_every = '300'
-    c.checkpoint_every = '300'
+    c.eval_every = '500'
+    c.checkpoint_every = '500'
     c.num_eval_examples = 4
   return c

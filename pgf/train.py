@@ -399,6 +399,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   final: dict[str, float] = {}
   last_eval: dict[str, float] = {}
   t0 = time.monotonic()
+  if start == 0:
+    # The untrained model's evaluation: the baseline every curve starts at.
+    writer.write(0, evaluate(s, eval_step, state, workdir))
   for step in range(start, s.run.total):
     plan = s.schedule.plan(step)
     batch = sharding.global_batch(next(train_iter), batch_sh)

@@ -59,7 +59,7 @@ def test_vit_trains_logs_evaluates_checkpoints(data_dir, tmp_path):
   assert last['sparsity/ff/density'] == pytest.approx(1.0, abs=1e-6)
   assert 0 <= last['sparsity/ff/mask_change'] <= 1
   evals = [r for r in records if 'eval/accuracy' in r]
-  assert [r['step'] for r in evals] == [4, 8]
+  assert [r['step'] for r in evals] == [0, 4, 8]
   assert os.path.exists(os.path.join(workdir, 'final_metrics.json'))
   steps = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
   assert steps == ['4', '8']
