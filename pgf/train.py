@@ -497,7 +497,8 @@ def dry_run(config) -> str:
             f'{[p.describe() for p in schedule.distinct_plans()]}']
   report = flops_lib.flops_report(config, task, schedule, run, infos)
   lines.append(report.describe())
-  data = config.mesh.data if config.mesh.data != -1 else 'all devices / model'
+  data = (config.mesh.data if config.mesh.data != -1 else
+          f'-1 (device count / {config.mesh.model})')
   lines.append(f'mesh: data={data} x model={config.mesh.model}; '
                f'{jax.device_count()} device(s) on this machine')
   specs = _flat(nn.get_partition_spec(abstract.params))

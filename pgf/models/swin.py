@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pgf.models.common import compute_dtype
+from pgf.models.common import drop_path
 from pgf.sparsity import SparseConv
 from pgf.sparsity import SparseDense
 from pgf.sparsity import SparseDenseGeneral
@@ -59,7 +61,6 @@ VARIANTS = {
 }
 
 PATCH_SIZE = 4
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # timm: trunc_normal_(std=.02) on every Linear (bounds +-2 absolute, so in
 # effect a plain normal); biases zero.
 _LINEAR_INIT = nn.initializers.truncated_normal(stddev=0.02)
@@ -284,13 +285,6 @@ class SwinBlock(nn.Module):
   dtype: Any = jnp.float32
   sparsity: SparsityPlan | None = None
 
-  def _drop_path(self, x: jax.Array, train: bool) -> jax.Array:
-    # Stochastic depth per example (timm DropPath, scaled by 1 / keep).
-    if not self.drop_path:
-      return x
-    return nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)),
-                      deterministic=not train)(x)
-
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     b, h, w, c = x.shape
@@ -300,12 +294,14 @@ class SwinBlock(nn.Module):
                         name='attn')(x)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     y = _layer_norm('norm1', self.dtype, zero=True)(y)
-    x = x.reshape(b, h * w, c) + self._drop_path(y.reshape(b, h * w, c), train)
+    x = x.reshape(b, h * w, c) + drop_path(
+        y.reshape(b, h * w, c), self.drop_path, train)
     x = nn.with_logical_constraint(x, names)
     y = Mlp(int(c * self.mlp_ratio), self.dropout, dtype=self.dtype,
             sparsity=self.sparsity, name='mlp')(x, train)
     y = _layer_norm('norm2', self.dtype, zero=True)(y)
-    x = nn.with_logical_constraint(x + self._drop_path(y, train), names)
+    x = nn.with_logical_constraint(
+        x + drop_path(y, self.drop_path, train), names)
     return x.reshape(b, h, w, c)
 
 
@@ -438,10 +434,7 @@ def build(model_config: ml_collections.ConfigDict, *, num_classes: int,
   m = model_config
   if m.window_size < 1:
     raise ValueError(f'model.window_size={m.window_size} must be >= 1.')
-  if m.dtype not in _DTYPES:
-    raise ValueError(f'model.dtype={m.dtype!r} is not allowed; choose one of '
-                     f'{tuple(_DTYPES)}.')
   return SwinV2(num_classes=num_classes, window_size=m.window_size,
                 dropout=m.dropout, drop_path=m.drop_path,
-                dtype=_DTYPES[m.dtype], remat=m.remat, sparsity=sparsity,
+                dtype=compute_dtype(m.dtype), remat=m.remat, sparsity=sparsity,
                 **decode_variant(m.variant))

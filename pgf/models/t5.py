@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pgf.models.common import compute_dtype
 from pgf.sparsity import SparseDenseGeneral
 from pgf.sparsity import SparsityPlan
 
@@ -85,7 +86,6 @@ VARIANTS = {
                   num_decoder_layers=24, num_heads=16, head_dim=64),
 }
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def decode_variant(variant: str) -> dict[str, int]:
@@ -463,11 +463,9 @@ def build(model_config, *, vocab_size: int,
   if model_config.name != 't5':
     raise ValueError(f'model.name={model_config.name!r}: pgf.models.t5 builds '
                      "only 't5'.")
-  if model_config.dtype not in _DTYPES:
-    raise ValueError(f'model.dtype={model_config.dtype!r} is not allowed; '
-                     f'choose one of {tuple(_DTYPES)}.')
   return T5(vocab_size=vocab_size, **decode_variant(model_config.variant),
-            dropout=model_config.dropout, dtype=_DTYPES[model_config.dtype],
+            dropout=model_config.dropout,
+            dtype=compute_dtype(model_config.dtype),
             remat=model_config.remat, sparsity=sparsity)
 
 

@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pgf.models.common import compute_dtype
+from pgf.models.common import drop_path
 from pgf.sparsity import SparseConv
 from pgf.sparsity import SparseDense
 from pgf.sparsity import SparseDenseGeneral
@@ -80,7 +82,6 @@ VARIANTS = {
     'H': dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
 }
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _LN_EPS = 1e-6
 _XAVIER = nn.initializers.xavier_uniform()  # big_vision's Dense kernels.
 _NAMES = ('batch', 'length', 'embed')
@@ -169,24 +170,19 @@ class EncoderBlock(nn.Module):
   dtype: Any = jnp.float32
   sparsity: SparsityPlan | None = None
 
-  def _drop_path(self, x: jax.Array, train: bool) -> jax.Array:
-    # Stochastic depth per example (timm DropPath, scaled by 1 / keep).
-    if not self.drop_path:
-      return x
-    return nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)),
-                      deterministic=not train)(x)
-
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = _layer_norm('norm1', self.dtype)(x)
     y = MultiHeadAttention(self.num_heads, dtype=self.dtype,
                            sparsity=self.sparsity, name='attn')(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    x = nn.with_logical_constraint(x + self._drop_path(y, train), _NAMES)
+    x = nn.with_logical_constraint(
+        x + drop_path(y, self.drop_path, train), _NAMES)
     y = _layer_norm('norm2', self.dtype)(x)
     y = MlpBlock(self.mlp_dim, self.dropout, dtype=self.dtype,
                  sparsity=self.sparsity, name='mlp')(y, train)
-    return nn.with_logical_constraint(x + self._drop_path(y, train), _NAMES)
+    return nn.with_logical_constraint(
+        x + drop_path(y, self.drop_path, train), _NAMES)
 
 
 class Transformer(nn.Module):
@@ -308,12 +304,9 @@ def build(model_config: ml_collections.ConfigDict, *, num_classes: int,
   """The model of `config.model` (keys: variant, pool, dropout, drop_path,
   dtype, remat)."""
   m = model_config
-  if m.dtype not in _DTYPES:
-    raise ValueError(f'model.dtype={m.dtype!r} is not allowed; choose one of '
-                     f'{tuple(_DTYPES)}.')
   if m.pool not in ('tok', 'gap'):
     raise ValueError(f"model.pool={m.pool!r} is not allowed; choose 'tok' or "
                      "'gap'.")
   return ViT(num_classes=num_classes, pool=m.pool, dropout=m.dropout,
-             drop_path=m.drop_path, dtype=_DTYPES[m.dtype], remat=m.remat,
+             drop_path=m.drop_path, dtype=compute_dtype(m.dtype), remat=m.remat,
              sparsity=sparsity, **decode_variant(m.variant))
