@@ -112,3 +112,22 @@ def ensure_prepared(name: str, data_dir: str | None) -> bool:
   if not builder.is_prepared():
     builder.download_and_prepare(file_format=FILE_FORMAT)
   return True
+
+
+def config_data_dir(config) -> str | None:
+  """data.data_dir, or None for TFDS's default ($TFDS_DATA_DIR or
+  ~/tensorflow_datasets)."""
+  return config.data.data_dir or None
+
+
+def open_builder(config) -> tuple[tfds.core.DatasetBuilder | None, str]:
+  """(builder or None if TFDS does not know the name, a description of
+  where the data is looked for); pgf's own datasets are prepared first."""
+  d = config.data
+  where = f'data.data_dir={d.data_dir!r}' + (
+      '' if d.data_dir else ' ($TFDS_DATA_DIR or ~/tensorflow_datasets)')
+  ensure_prepared(d.name, config_data_dir(config))
+  try:
+    return tfds.builder(d.name, data_dir=config_data_dir(config)), where
+  except tfds.core.registered.DatasetNotFoundError:
+    return None, where

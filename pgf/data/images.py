@@ -66,23 +66,15 @@ _RANDOM_INTERPOLATIONS = (PIL.Image.Resampling.BILINEAR,
 
 # ---- Availability and shapes ----------------------------------------------
 
-def _data_dir(config) -> str | None:
-  return config.data.data_dir or None  # None: $TFDS_DATA_DIR or TFDS's default.
-
-
 def _prepared_builder(config) -> tfds.core.DatasetBuilder:
   """The builder of data.name, checked against the config; pgf's own
   datasets are prepared here if missing. Reads metadata only."""
   d = config.data
-  where = f'data.data_dir={d.data_dir!r}' + (
-      '' if d.data_dir else ' ($TFDS_DATA_DIR or ~/tensorflow_datasets)')
-  builders.ensure_prepared(d.name, _data_dir(config))
-  try:
-    builder = tfds.builder(d.name, data_dir=_data_dir(config))
-  except tfds.core.registered.DatasetNotFoundError as e:
+  builder, where = builders.open_builder(config)
+  if builder is None:
     raise DatasetNotPreparedError(
         f'data.name={d.name!r} is neither a TFDS dataset nor prepared in '
-        f'{where}.') from e
+        f'{where}.')
   if not builder.is_prepared():
     command = f'python -m pgf.data.prepare --dataset={d.name}' + (
         f' --data_dir={d.data_dir}' if d.data_dir else '')
@@ -380,7 +372,8 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 def _source(config, split: str):
   return tfds.data_source(config.data.name, split=split,
-                          data_dir=_data_dir(config), download=False)
+                          data_dir=builders.config_data_dir(config),
+                          download=False)
 
 
 def make_train_iterator(config, *, global_batch_size: int, process_index: int,

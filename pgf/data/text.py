@@ -225,30 +225,22 @@ def lengths(config, vocab: vocab_lib.Vocabulary) -> Lengths:
 
 # ---- Availability and shapes -------------------------------------------------
 
-def _data_dir(config) -> str | None:
-  return config.data.data_dir or None  # None: $TFDS_DATA_DIR or TFDS's default.
-
-
 def _prepared_builder(config) -> tfds.core.DatasetBuilder:
   """The builder of data.name, checked against the config; pgf's own
   datasets are prepared here if missing. Reads metadata only."""
   d = config.data
-  where = f'data.data_dir={d.data_dir!r}' + (
-      '' if d.data_dir else ' ($TFDS_DATA_DIR or ~/tensorflow_datasets)')
+  builder, where = builders.open_builder(config)
   prepare = (
       f'Prepare it once with `python -m pgf.data.prepare --dataset={d.name}'
       + (f' --data_dir={d.data_dir}' if d.data_dir else '') + '` (array_record '
       "files; TFDS's own text builders need TensorFlow, c4 also Apache Beam "
       "and days of processing), or use data.name='pgf_pydoc', which pgf "
       'prepares offline.')
-  builders.ensure_prepared(d.name, _data_dir(config))
-  try:
-    builder = tfds.builder(d.name, data_dir=_data_dir(config))
-  except tfds.core.registered.DatasetNotFoundError as e:
+  if builder is None:
     # Without TensorFlow, TFDS cannot even load the builder code of its own
     # datasets, but finds prepared ones by their files.
     raise DatasetNotPreparedError(
-        f'data.name={d.name!r} is not prepared in {where}. {prepare}') from e
+        f'data.name={d.name!r} is not prepared in {where}. {prepare}')
   if not builder.is_prepared():
     raise DatasetNotPreparedError(
         f'data.name={d.name!r} is not prepared in {where} (expected at '
@@ -458,7 +450,8 @@ def _rows(config, split: str, *, seed: int, train: bool, process_index: int,
   d = config.data
   vocab = vocab_lib.get_vocabulary(config)
   n = lengths(config, vocab)
-  source = tfds.data_source(d.name, split=split, data_dir=_data_dir(config),
+  source = tfds.data_source(d.name, split=split,
+                            data_dir=builders.config_data_dir(config),
                             download=False)
   ds = grain.MapDataset.source(source).seed(seed)
   ds = ds[process_index::process_count]
