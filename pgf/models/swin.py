@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pgf.models.common import Mlp
 from pgf.models.common import compute_dtype
 from pgf.models.common import drop_path
 from pgf.sparsity import SparseConv
@@ -250,29 +251,6 @@ class WindowAttention(nn.Module):
     return out
 
 
-class Mlp(nn.Module):
-  """wi -> GELU -> dropout -> wo -> dropout, on (B, L, C)."""
-
-  mlp_dim: int
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-  sparsity: SparsityPlan | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    c = x.shape[-1]
-    x = SparseDense(self.mlp_dim, dtype=self.dtype, kernel_init=_LINEAR_INIT,
-                    kernel_axes=('embed', 'mlp'), sparsity=self.sparsity,
-                    name='wi')(x)
-    x = nn.gelu(x, approximate=False)  # torch nn.GELU: exact erf.
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'mlp'))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = SparseDense(c, dtype=self.dtype, kernel_init=_LINEAR_INIT,
-                    kernel_axes=('mlp', 'embed'), sparsity=self.sparsity,
-                    name='wo')(x)
-    return nn.Dropout(self.dropout, deterministic=not train)(x)
-
-
 class SwinBlock(nn.Module):
   """x + drop_path(norm1(attn(x))), then x + drop_path(norm2(mlp(x)))."""
 
@@ -298,7 +276,8 @@ class SwinBlock(nn.Module):
         y.reshape(b, h * w, c), self.drop_path, train)
     x = nn.with_logical_constraint(x, names)
     y = Mlp(int(c * self.mlp_ratio), self.dropout, dtype=self.dtype,
-            sparsity=self.sparsity, name='mlp')(x, train)
+            kernel_init=_LINEAR_INIT, sparsity=self.sparsity,
+            name='mlp')(x, train)
     y = _layer_norm('norm2', self.dtype, zero=True)(y)
     x = nn.with_logical_constraint(
         x + drop_path(y, self.drop_path, train), names)

@@ -51,10 +51,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pgf.models.common import Mlp
 from pgf.models.common import compute_dtype
 from pgf.models.common import drop_path
 from pgf.sparsity import SparseConv
-from pgf.sparsity import SparseDense
 from pgf.sparsity import SparseDenseGeneral
 from pgf.sparsity import SparsityPlan
 
@@ -136,30 +136,6 @@ class MultiHeadAttention(nn.Module):
         name='out')(out)
 
 
-class MlpBlock(nn.Module):
-  """wi -> GELU (exact erf) -> dropout -> wo -> dropout, on (B, L, D)."""
-
-  mlp_dim: int
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-  sparsity: SparsityPlan | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    width = x.shape[-1]
-    bias_init = nn.initializers.normal(stddev=1e-6)  # big_vision MlpBlock.
-    x = SparseDense(self.mlp_dim, dtype=self.dtype, kernel_init=_XAVIER,
-                    bias_init=bias_init, kernel_axes=('embed', 'mlp'),
-                    sparsity=self.sparsity, name='wi')(x)
-    x = nn.gelu(x, approximate=False)
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'mlp'))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = SparseDense(width, dtype=self.dtype, kernel_init=_XAVIER,
-                    bias_init=bias_init, kernel_axes=('mlp', 'embed'),
-                    sparsity=self.sparsity, name='wo')(x)
-    return nn.Dropout(self.dropout, deterministic=not train)(x)
-
-
 class EncoderBlock(nn.Module):
   """Pre-norm block on (B, L, D): attention then MLP, both residual."""
 
@@ -179,8 +155,9 @@ class EncoderBlock(nn.Module):
     x = nn.with_logical_constraint(
         x + drop_path(y, self.drop_path, train), _NAMES)
     y = _layer_norm('norm2', self.dtype)(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, dtype=self.dtype,
-                 sparsity=self.sparsity, name='mlp')(y, train)
+    y = Mlp(self.mlp_dim, self.dropout, dtype=self.dtype, kernel_init=_XAVIER,
+            bias_init=nn.initializers.normal(stddev=1e-6),  # big_vision.
+            sparsity=self.sparsity, name='mlp')(y, train)
     return nn.with_logical_constraint(
         x + drop_path(y, self.drop_path, train), _NAMES)
 
