@@ -110,7 +110,7 @@ class FlopsReport:
     return '\n'.join(lines)
 
 
-def flops_report(config, task, schedule: sp.SparsitySchedule, run, infos,
+def flops_report(config, task, schedule: sp.SparsitySchedule, run,
                  *, alpha_threshold: float = 1e-2,
                  backward_factor: float = 2.0) -> FlopsReport:
   """FLOPs of every phase of a run under the recipe (method.md section 7).
@@ -119,7 +119,6 @@ def flops_report(config, task, schedule: sp.SparsitySchedule, run, infos,
     alpha_threshold: MdGf steps with alpha above this count as dense.
     backward_factor: backward FLOPs / forward FLOPs of a dense layer (2).
   """
-  del infos
   batch = task.dummy_batch(1)
   model = task.build_model(None)
   if config.model.name == 't5':

@@ -495,7 +495,7 @@ def dry_run(config) -> str:
             f'after sparsity (density {nonzero / total:.4f})',
             f'sparsity: {final.describe()}; plans over the run: '
             f'{[p.describe() for p in schedule.distinct_plans()]}']
-  report = flops_lib.flops_report(config, task, schedule, run, infos)
+  report = flops_lib.flops_report(config, task, schedule, run)
   lines.append(report.describe())
   data = (config.mesh.data if config.mesh.data != -1 else
           f'-1 (device count / {config.mesh.model})')

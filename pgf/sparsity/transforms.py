@@ -29,8 +29,9 @@ def _map_sparse(fn: Callable, updates, params, masks, sparsity):
       flax.core.unfreeze(masks or {}), sep='/')
   flat_vals = flax.traverse_util.flatten_dict(
       flax.core.unfreeze(sparsity or {}), sep='/')
-  # A sparse kernel is a masked one: its layer (path minus 'kernel') has
-  # schedule values too, or the run is in a phase with no schedule values.
+  # A sparse kernel is one with a sown mask. Its layer's schedule values
+  # hold only what its recipe uses (`needed_values`): a missing value means
+  # the transform has nothing to do for that layer.
 
   def one(path, g, w):
     key = '/'.join(str(getattr(k, 'key', k)) for k in path)
