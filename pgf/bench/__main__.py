@@ -1,0 +1,8 @@
+"""`python -m pgf.bench` runs the training-step table (pgf.bench.steps)."""
+
+from absl import app
+
+from pgf.bench import steps
+
+if __name__ == '__main__':
+  app.run(steps.main)
