@@ -26,6 +26,8 @@ setuptools.setup(
         'jax>=0.7',
         'matplotlib>=3.8',
         'ml_collections>=1.0',
+        # Compiles the CPU N:M inference kernels (pgf.inference.cpu).
+        'numba>=0.60',
         'numpy>=1.26',
         'optax>=0.2.5',
         'orbax-checkpoint>=0.11.20',
