@@ -17,6 +17,7 @@ import pytest
 
 from pgf import export
 from pgf import train as train_lib
+from pgf.inference import cpu
 from pgf.inference import nm
 from pgf.inference import pallas
 from pgf.inference.model import CompressedModel
@@ -73,7 +74,7 @@ def test_nm_matmul_equals_dense_matmul(backend, k, out_shape, n, m, lead):
 
 
 def test_cpu_kernel_under_jit_and_wide_contraction():
-  # K > 65536: rows are uint32; the callback runs inside jit and vmap.
+  # K > 65536 (rows past uint16); the FFI call runs inside jit and vmap.
   rng = np.random.default_rng(1)
   k = 65536 + 64
   vals, idx, w = _compressed(rng, k, (3,), 1, 32)
@@ -83,6 +84,10 @@ def test_cpu_kernel_under_jit_and_wide_contraction():
   y = jax.jit(nm.apply)(jnp.asarray(x), weights)
   np.testing.assert_allclose(np.asarray(y), _reference(x, w), rtol=1e-5,
                              atol=1e-5 * np.sqrt(k))
+  # The same kernels straight from NumPy.
+  direct = cpu.run(x.reshape(8, k), *(np.asarray(a) for a in weights.data))
+  np.testing.assert_allclose(direct.reshape(4, 2, 3), np.asarray(y),
+                             rtol=1e-6, atol=1e-6)
   yv = jax.vmap(nm.apply, in_axes=(0, None))(jnp.asarray(x), weights)
   np.testing.assert_allclose(np.asarray(yv), np.asarray(y), rtol=1e-6,
                              atol=1e-6)

@@ -8,7 +8,7 @@ which are flattened into K (an attention output kernel (heads, head_dim,
 embed) is (heads * head_dim, embed)).
 
 Backends (`backend=`):
-  'cpu'     numba kernels through jax.pure_callback (pgf.inference.cpu).
+  'cpu'     numba kernels as an XLA FFI call (pgf.inference.cpu).
   'pallas'  a Pallas kernel for NVIDIA GPUs (pgf.inference.pallas); with
             `interpret=True` it runs anywhere (slowly), for tests.
   'xla'     pure XLA: gathers the kept inputs of every (row, output) and

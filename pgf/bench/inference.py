@@ -1,0 +1,214 @@
+r"""Dense matmul vs the compressed N:M matmul, per shape, pattern and batch.
+
+  python -m pgf.bench.inference [--backend=cpu|xla|pallas] \
+      [--out=experiments/bench/inference_cpu.json] [--repeats=11] [--e2e]
+
+Shapes: the FF layers of ViT-B (768 -> 3072, 3072 -> 768) and T5-Base
+(768 -> 2048, 2048 -> 768); patterns 1:8, 1:16, 1:32; batches (rows) 1, 4,
+16, 64, 256. Dense is `jax.jit(jnp.dot)` of x with the dense hard-masked
+kernel (float32 on the CPU; bfloat16 for the Pallas backend, which targets
+GPUs); compressed is `jax.jit(pgf.inference.apply)` with the kernel prepared
+for the backend. Every sample times a loop of calls lasting about 2 ms; the
+two paths alternate sample by sample (interleaved), and each row reports
+the min and median ms per call over `repeats` samples and the ratio of the
+medians (dense / compressed: above 1, compressed is faster).
+
+`--e2e` adds ViT-B/16's whole FF stack (12 blocks of wi -> GELU -> wo on
+the 197 tokens of one image; 226 MB of dense weights, more than the cache)
+per pattern. The GPU check calls `time_pallas()`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import platform
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgf.inference import nm
+
+SHAPES = {
+    'vit_b_ff_in': (768, 3072),
+    'vit_b_ff_out': (3072, 768),
+    't5_base_ff_in': (768, 2048),
+    't5_base_ff_out': (2048, 768),
+}
+PATTERNS = ((1, 8), (1, 16), (1, 32))
+BATCHES = (1, 4, 16, 64, 256)
+SAMPLE_SECONDS = 2e-3
+
+
+def random_kernel(rng: np.random.Generator, k: int, out: int, n: int,
+                  m: int) -> tuple[np.ndarray, np.ndarray]:
+  """Export-layout values/indices [K/m, out, n] of a random N:M kernel."""
+  g = k // m
+  idx = np.sort(np.argsort(rng.random((g, out, m)), -1)[..., :n], -1)
+  vals = rng.normal(size=(g, out, n)).astype(np.float32) / np.sqrt(k * n / m)
+  return vals, idx.astype(np.uint8)
+
+
+def _calls_per_sample(fn) -> int:
+  jax.block_until_ready(fn())  # Compile.
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  return max(1, int(SAMPLE_SECONDS / max(time.perf_counter() - t, 1e-6)))
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+  """name -> (min ms, median ms) per call, samples of each name alternating.
+  """
+  calls = {k: _calls_per_sample(f) for k, f in fns.items()}
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      for _ in range(calls[name]):
+        out = fn()
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t) / calls[name] * 1e3)
+  return {k: (min(v), float(np.median(v))) for k, v in times.items()}
+
+
+def matmul_rows(*, backend: str, dtype=jnp.float32, shapes=SHAPES,
+                patterns=PATTERNS, batches=BATCHES, repeats: int = 11,
+                seed: int = 0) -> list[dict]:
+  """One row per (shape, pattern, batch): dense vs compressed ms."""
+  rng = np.random.default_rng(seed)
+  dense_fn = jax.jit(jnp.dot)
+  apply_fn = jax.jit(nm.apply)
+  rows = []
+  for name, (k, out) in shapes.items():
+    for n, m in patterns:
+      vals, idx = random_kernel(rng, k, out, n, m)
+      dense = jnp.asarray(nm.dense_kernel(vals, idx, m=m), dtype)
+      weights = nm.NMWeights.prepare(vals, idx, m=m, backend=backend,
+                                     dtype=dtype)
+      for b in batches:
+        x = jnp.asarray(rng.normal(size=(b, k)), dtype)
+        err = float(jnp.abs(apply_fn(x, weights).astype(jnp.float32)
+                            - dense_fn(x, dense).astype(jnp.float32)).max())
+        t = interleaved({'dense': functools.partial(dense_fn, x, dense),
+                         'nm': functools.partial(apply_fn, x, weights)},
+                        repeats)
+        rows.append(dict(
+            shape=name, k=k, out=out, pattern=f'{n}:{m}', batch=b,
+            dense_min_ms=t['dense'][0], dense_median_ms=t['dense'][1],
+            nm_min_ms=t['nm'][0], nm_median_ms=t['nm'][1],
+            ratio=t['dense'][1] / t['nm'][1], max_abs_err=err))
+        print(_row_text(rows[-1]), flush=True)
+  return rows
+
+
+def ff_stack_rows(*, backend: str, patterns=PATTERNS, tokens: int = 197,
+                  depth: int = 12, repeats: int = 5,
+                  seed: int = 0) -> list[dict]:
+  """ViT-B/16's FF stack (depth x (wi, GELU, wo)) on one image's tokens."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for n, m in patterns:
+    layers = [[random_kernel(rng, 768, 3072, n, m),
+               random_kernel(rng, 3072, 768, n, m)] for _ in range(depth)]
+    dense = [[jnp.asarray(nm.dense_kernel(*w, m=m)) for w in pair]
+             for pair in layers]
+    comp = [[nm.NMWeights.prepare(*w, m=m, backend=backend) for w in pair]
+            for pair in layers]
+
+    @jax.jit
+    def dense_stack(x, ws):
+      for wi, wo in ws:
+        x = x + jax.nn.gelu(x @ wi, approximate=False) @ wo
+      return x
+
+    @jax.jit
+    def nm_stack(x, ws):
+      for wi, wo in ws:
+        x = x + nm.apply(jax.nn.gelu(nm.apply(x, wi), approximate=False), wo)
+      return x
+
+    x = jnp.asarray(rng.normal(size=(tokens, 768)), jnp.float32)
+    t = interleaved({'dense': functools.partial(dense_stack, x, dense),
+                     'nm': functools.partial(nm_stack, x, comp)}, repeats)
+    rows.append(dict(
+        shape=f'vit_b16_ff_stack_{depth}x', k=768, out=768,
+        pattern=f'{n}:{m}', batch=tokens,
+        dense_min_ms=t['dense'][0], dense_median_ms=t['dense'][1],
+        nm_min_ms=t['nm'][0], nm_median_ms=t['nm'][1],
+        ratio=t['dense'][1] / t['nm'][1]))
+    print(_row_text(rows[-1]), flush=True)
+  return rows
+
+
+def time_pallas(*, batches=(1, 2, 4, 8, 16, 32, 64, 256), repeats: int = 11,
+                dtype=jnp.bfloat16) -> list[dict]:
+  """For the GPU check: the Pallas kernel vs a dense bf16 matmul."""
+  if jax.default_backend() != 'gpu':
+    raise RuntimeError('time_pallas times the Pallas kernel on a GPU; '
+                       f'this is {jax.default_backend()!r}.')
+  return matmul_rows(backend='pallas', dtype=dtype, batches=batches,
+                     repeats=repeats)
+
+
+def _row_text(r: dict) -> str:
+  return (f"{r['shape']:>22} {r['pattern']:>5} b={r['batch']:<4} dense "
+          f"{r['dense_median_ms']:8.3f} ms (min {r['dense_min_ms']:7.3f})  "
+          f"nm {r['nm_median_ms']:8.3f} ms (min {r['nm_min_ms']:7.3f})  "
+          f"ratio {r['ratio']:5.2f}")
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+  """The table as Markdown, with how it was measured."""
+  lines = [f"# Dense vs compressed N:M matmul ({meta['backend']} backend)",
+           '', f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ",
+           f"Machine: {meta['machine']}  ", f"Load: {meta['load']}  ",
+           f"JAX {meta['jax']}, {meta['kernel']}", '',
+           'ms per call, median (min) of interleaved samples; ratio = dense '
+           'median / compressed median (> 1: compressed faster).', '',
+           '| shape | K -> out | pattern | batch | dense ms | N:M ms | '
+           'ratio |', '| --- | --- | --- | --- | --- | --- | --- |']
+  for r in rows:
+    lines.append(
+        f"| {r['shape']} | {r['k']} -> {r['out']} | {r['pattern']} | "
+        f"{r['batch']} | {r['dense_median_ms']:.3f} "
+        f"({r['dense_min_ms']:.3f}) | {r['nm_median_ms']:.3f} "
+        f"({r['nm_min_ms']:.3f}) | {r['ratio']:.2f} |")
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  f = flags.FLAGS
+  load_before = os.getloadavg()
+  rows = matmul_rows(backend=f.backend, repeats=f.repeats)
+  if f.e2e:
+    rows += ff_stack_rows(backend=f.backend)
+  load_after = os.getloadavg()
+  import numba
+  meta = dict(
+      command='python -m pgf.bench.inference ' + ' '.join(argv[1:]),
+      date=datetime.date.today().isoformat(), backend=f.backend,
+      machine=(f'{platform.processor() or platform.machine()}, '
+               f'{os.cpu_count()} cores, shared with other agents'),
+      load=(f'1-min load average {load_before[0]:.2f} before, '
+            f'{load_after[0]:.2f} after'),
+      jax=jax.__version__, kernel=f'numba {numba.__version__}')
+  if f.out:
+    with open(f.out, 'w') as fh:
+      json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+    with open(os.path.splitext(f.out)[0] + '.md', 'w') as fh:
+      fh.write(markdown(rows, meta))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_enum('backend', 'cpu', ['cpu', 'xla', 'pallas'],
+                    'Compressed matmul backend.')
+  flags.DEFINE_string('out', '', 'JSON output (a .md table beside it).')
+  flags.DEFINE_integer('repeats', 11, 'Interleaved samples per row.')
+  flags.DEFINE_bool('e2e', False, "Add ViT-B/16's FF stack per pattern.")
+  app.run(main)
