@@ -74,6 +74,8 @@ def test_grid_runs_skips_finished_resumes_unfinished(data_dir, tmp_path):
   results = report_lib.collect(grid, root)
   report = report_lib.build_report(grid, results, root=root)
   assert report['counts']['finished'] == 2
+  by_cell = {r['cell']: r for r in report['runs']}
+  assert (by_cell['srste']['attempts'], by_cell['mdgf']['attempts']) == (2, 1)
   row = report['comparisons']['eval/accuracy'][0]
   assert (row['cell'], row['reference'], row['n']) == ('mdgf', 'srste', 1)
   acc = {r.cell: r.value('eval/accuracy') for r in results}
@@ -81,5 +83,7 @@ def test_grid_runs_skips_finished_resumes_unfinished(data_dir, tmp_path):
   out = str(tmp_path / 'out')
   written = plots.plot_all(report, results, out)
   assert {'sparsity.png', 'differences.png', 'curves.png'} <= set(written)
+  if all(r['flops/train'] for r in report['runs']):  # pgf.train reports it.
+    assert 'flops.png' in written
   for name in written:
     assert os.path.getsize(os.path.join(out, name)) > 1000

@@ -91,6 +91,7 @@ def build_report(grid: grid_lib.Grid, results: Sequence[RunResult], *,
   runs = [{'cell': r.cell, 'seed': r.seed, 'status': r.status,
            'workdir': r.workdir, 'step': r.final.get('step'),
            'train_seconds_this_run': r.final.get('train_seconds_this_run'),
+           **_attempts(r.workdir),
            FLOPS_KEY: r.value(FLOPS_KEY),
            **{m: r.value(m) for m in grid.metrics}} for r in results]
   return {
@@ -101,6 +102,14 @@ def build_report(grid: grid_lib.Grid, results: Sequence[RunResult], *,
       'counts': {s: sum(r.status == s for r in results)
                  for s in records.STATES},
   }
+
+
+def _attempts(workdir: str) -> dict[str, Any]:
+  """How many times the runner started the run and their wall seconds."""
+  record = records.read_json(os.path.join(workdir, records.RECORD)) or {}
+  attempts = record.get('attempts') or []
+  return {'attempts': len(attempts),
+          'wall_seconds': sum(a.get('seconds') or 0.0 for a in attempts)}
 
 
 def _compare(grid: grid_lib.Grid, table: dict) -> list[dict]:

@@ -294,6 +294,8 @@ def run_grid(grid: grid_lib.Grid, root: str, *, grid_file: str | None = None,
   env = child_env(device=device, parallel=parallel, threads=threads,
                   mem_fraction=mem_fraction)
   states = {id(r): records.status(r.workdir, r.args) for r in todo_all}
+  skipped = [r for r in todo_all if states[id(r)] == records.FINISHED]
+  todo = [r for r in todo_all if states[id(r)] != records.FINISHED]
   if dry:
     for r in todo_all:
       action = {records.FINISHED: 'skip (finished)',
@@ -305,12 +307,8 @@ def run_grid(grid: grid_lib.Grid, root: str, *, grid_file: str | None = None,
     logging.info('Environment of each run: %s', {
         k: env[k] for k in (*THREAD_VARS, 'XLA_PYTHON_CLIENT_MEM_FRACTION',
                             'XLA_PYTHON_CLIENT_PREALLOCATE') if k in env})
-    return Summary(skipped=[r for r in todo_all
-                            if states[id(r)] == records.FINISHED],
-                   outcomes=[])
+    return Summary(skipped=skipped, outcomes=[])
   check_stale(todo_all)
-  skipped = [r for r in todo_all if states[id(r)] == records.FINISHED]
-  todo = [r for r in todo_all if states[id(r)] != records.FINISHED]
   logging.info('%d runs: %d finished (skipped), %d to run, %d at a time on '
                '%s (%s).', len(todo_all), len(skipped), len(todo), parallel,
                device, ', '.join(f'{k}={env[k]}' for k in (
