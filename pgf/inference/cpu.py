@@ -47,6 +47,11 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'passive')
 import numba  # noqa: E402  (after the environment above)
 
 UNROLL = 4  # Kept weights per inner iteration; J is padded to a multiple.
+# Floats of the x tile a block of kept weights may touch (32 KiB: L1d is
+# 48 KiB on the Zen 5 this was tuned on) and outputs per block.
+L1_FLOATS = 8192
+OUT_BLOCK = 64
+MIN_BLOCK = 32
 # Parallel work items per call (tiles x output chunks), enough to balance
 # up to 16 threads. (numba.get_num_threads() inside a kernel would make it
 # uncacheable: it compiles to a process-specific address.)
@@ -90,27 +95,44 @@ def _tile_source(bt: int, name: str) -> str:
       '  vf = vals.ravel()',
       '  rf = rows.ravel()',
       f'  yt = np.empty(ntiles * n_out * {bt}, np.float32)',
+      # A block of jb_len kept weights of an output touches about
+      # L1_FLOATS / bt rows of the tile (kept per row: jp / k): those rows
+      # stay in L1 while OUT_BLOCK outputs use them; the accumulators go
+      # through yt between blocks. Blocks under MIN_BLOCK kept weights cost
+      # more in reloads than they save (measured): then one block.
+      f'  jb_len = {L1_FLOATS // bt} * jp // k // {u} * {u}',
+      f'  if jb_len < {MIN_BLOCK}:',
+      '    jb_len = jp',
       '  for c in numba.prange(ntiles * nchunks):',
       '    t = c // nchunks',
       '    part = c % nchunks',
       f'    xo = np.uintp(t * k * {bt})',
-      '    for o in range(np.uintp(part * n_out // nchunks),',
-      '                   np.uintp((part + 1) * n_out // nchunks)):',
-      '      j0 = o * np.uintp(jp)',
+      '    o_lo = part * n_out // nchunks',
+      '    o_hi = (part + 1) * n_out // nchunks',
+      f'    for ob in range(o_lo, o_hi, {OUT_BLOCK}):',
+      f'      ob_end = min(ob + {OUT_BLOCK}, o_hi)',
+      '      for jb in range(0, jp, jb_len):',
+      '        je = min(jb + jb_len, jp)',
+      '        for o in range(np.uintp(ob), np.uintp(ob_end)):',
+      '          j0 = o * np.uintp(jp)',
+      '          yo = (np.uintp(t) * np.uintp(n_out) + o) * '
+      f'np.uintp({bt})',
+      '          if jb == 0:',
   ]
-  lines += [f'      a{b} = np.float32(0.0)' for b in range(bt)]
-  lines.append(f'      for j in range(j0, j0 + np.uintp(jp), np.uintp({u})):')
+  lines += [f'            a{b} = np.float32(0.0)' for b in range(bt)]
+  lines.append('          else:')
+  lines += [f'            a{b} = yt[yo + np.uintp({b})]' for b in range(bt)]
+  lines.append('          for j in range(j0 + np.uintp(jb), j0 + np.uintp(je),'
+               f' np.uintp({u})):')
   for i in range(u):
-    lines.append(f'        w{i} = vf[j + np.uintp({i})]')
-    lines.append(f'        r{i} = xo + np.uintp(rf[j + np.uintp({i})]) * '
+    lines.append(f'            w{i} = vf[j + np.uintp({i})]')
+    lines.append(f'            r{i} = xo + np.uintp(rf[j + np.uintp({i})]) * '
                  f'np.uintp({bt})')
   for b in range(bt):
     terms = ' + '.join(f'w{i} * xt[r{i} + np.uintp({b})]' for i in range(u))
-    lines.append(f'        a{b} += {terms}')
+    lines.append(f'            a{b} += {terms}')
   # Consecutive stores: they seed the SLP vectoriser (strided ones do not).
-  lines.append('      yo = (np.uintp(t) * np.uintp(n_out) + o) * '
-               f'np.uintp({bt})')
-  lines += [f'      yt[yo + np.uintp({b})] = a{b}' for b in range(bt)]
+  lines += [f'          yt[yo + np.uintp({b})] = a{b}' for b in range(bt)]
   lines += [
       '  for t in numba.prange(ntiles):',
       f'    for b in range({bt}):',
