@@ -203,6 +203,18 @@ def test_t5_greedy_decoding_equals_dense_hard_masked_model(t5_run):
   want = t5.greedy_decode(model, {'params': params}, tokens, max_length=6)
   got = cm.greedy_decode(tokens, max_length=6)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # A second compressed model of the same architecture (other weights: the
+  # pruned kernels' values negated) decodes with its own weights, not with
+  # a decoder traced for the first one.
+  other = dict(arrays)
+  for key in cm.kernels:
+    other[f'{key}/kernel/values'] = -arrays[f'{key}/kernel/values']
+  cm2 = CompressedModel(model, other, backend='cpu')
+  params2 = jax.tree.map(jnp.asarray, export.decompress(other))
+  want2 = t5.greedy_decode(model.clone(), {'params': params2}, tokens,
+                           max_length=6)
+  np.testing.assert_array_equal(
+      np.asarray(cm2.greedy_decode(tokens, max_length=6)), np.asarray(want2))
   dec = jnp.concatenate([jnp.zeros((3, 1), jnp.int32), want[:, :-1]], 1)
   logits = jax.jit(cm.apply, static_argnames='train')(
       cm.params, cm.kernels, cm.biases, tokens, dec, train=False)

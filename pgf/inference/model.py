@@ -82,7 +82,9 @@ class CompressedModel:
 
   def __init__(self, model: nn.Module, arrays, *, backend: str = 'auto',
                dense_layers: str = r'^$'):
-    """Args:
+    """Lays an export's arrays out for inference.
+
+    Args:
       model: pgf's model for the run, built without a sparsity plan.
       arrays: the export file's arrays (pgf.export format).
       backend: matmul backend (pgf.inference.nm.BACKENDS).
@@ -146,15 +148,17 @@ class CompressedModel:
     from pgf.models import t5
     key = ('decode', int(max_length), int(eos_id))
     if key not in self._jitted:
-      # greedy_decode caches one jitted decoder per (model, length): a
-      # clone that compares unequal gets its own, traced here, inside the
-      # interceptor, with the weights as arguments (not constants).
-      model = self.model.clone(name='nm_compressed')
 
       def run(params, kernels, biases, tokens):
+        # pgf.models.t5.greedy_decode caches one jitted decoder per (model,
+        # length), traced once: a trace made under another interceptor
+        # would be reused (with its weights). Its uncached builder, called
+        # here, makes a decoder traced now, inside this interceptor, with
+        # the weights as arguments (not constants).
+        decoder = t5._greedy_fn.__wrapped__(self.model, int(max_length),
+                                            int(eos_id))
         with nn.intercept_methods(_interceptor(kernels, biases)):
-          return t5.greedy_decode(model, {'params': params}, tokens,
-                                  max_length=max_length, eos_id=eos_id)
+          return decoder({'params': params}, tokens)
 
       self._jitted[key] = jax.jit(run)
     return self._jitted[key](*self._state(),
