@@ -7,9 +7,10 @@ setuptools.setup(
     version='0.1.0',
     description=('Progressive Gradient Flow: N:M sparse training of '
                  'Transformers (ViT, SwinV2, T5) in JAX/Flax.'),
-    # configs/ is a package too, so experiment files can import configs.base
-    # from any working directory.
-    packages=setuptools.find_packages(include=['pgf', 'pgf.*', 'configs']),
+    # The experiment configs ship as pgf.configs (a checkout's configs/ is a
+    # link to pgf/configs, so --config=configs/vit_base.py works there); no
+    # top-level 'configs' package to collide with other projects.
+    packages=setuptools.find_packages(include=['pgf', 'pgf.*']),
     python_requires='>=3.10',
     # Lower bounds: the versions this repository is tested with in CI
     # (jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax 0.12.8, grain 0.2.18,

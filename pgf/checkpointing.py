@@ -1,15 +1,17 @@
-"""Orbax checkpoints of the train state and the data iterator position.
+"""Orbax checkpoints of the train state, the data iterator position and
+host-side state (JSON).
 
 Orbax writes each checkpoint to a temporary directory and renames it when
 complete (atomic); a killed save leaves no half checkpoint behind, and the
-latest complete one is restored on the next run with the same workdir.
+latest complete one is restored on the next run with the same workdir. The
+data iterator's state (a JSON-able dict, `get_state()`) travels in the host
+item.
 """
 
 from __future__ import annotations
 
 import os
 
-import grain.python as grain
 import orbax.checkpoint as ocp
 
 
@@ -29,16 +31,16 @@ class Checkpointer:
     """`host`: JSON-able host-side state (e.g. metrics not yet logged)."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.PyGrainCheckpointSave(data_iterator),
-        host=ocp.args.JsonSave(host)))
+        host=ocp.args.JsonSave({**host, 'data': data_iterator.get_state()})))
 
   def restore(self, step: int, abstract_state, data_iterator):
     """Returns (state, host); `data_iterator` is set in place."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=grain.PyGrainCheckpointRestore(data_iterator),
         host=ocp.args.JsonRestore()))
-    return restored['state'], restored['host']
+    host = dict(restored['host'])
+    data_iterator.set_state(host.pop('data'))
+    return restored['state'], host
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

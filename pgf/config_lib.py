@@ -1,9 +1,10 @@
 """Startup validation and the conversion of a config into run quantities.
 
 `validate_config` runs before any compile or data work and raises ValueError
-naming the key, the bad value and what is allowed. `resolve_run` turns
+naming the key, the bad value and what is allowed; the task
+(`pgf.tasks.<config.task>`) checks its own keys. `resolve_run` turns
 durations into steps once the dataset size is known, and `build_schedule`
-makes the `SparsitySchedule` (method.md sections 2-3).
+makes the `SparsitySchedule` (docs/recipes.md sections 2-3).
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ import re
 import ml_collections
 
 from pgf import durations
-from pgf.models import MODELS
+from pgf import tasks
+from pgf.models import available as available_models
 from pgf.models import get_model_module
 from pgf.sparsity import NM
 from pgf.sparsity import GroupSpec
 from pgf.sparsity import SparsitySchedule
+from pgf.sparsity import recipes
 from pgf.sparsity.schedules import GROUP_AXES
-from pgf.sparsity.schedules import MDGF_GRADS
-from pgf.sparsity.schedules import RECIPES
-from pgf.sparsity.schedules import SDGF_MODES
 
 ROLES = ('ff', 'q', 'k', 'v', 'o')
 
@@ -34,10 +34,10 @@ def _choice(key: str, value, allowed) -> None:
 
 
 def _positive(key: str, value, *, zero_ok: bool = False) -> None:
-  if not isinstance(value, (int, float)) or (
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or (
       value < 0 if zero_ok else value <= 0):
-    raise ValueError(f'{key}={value!r} must be {"" if zero_ok else "> 0"}'
-                     f'{">= 0" if zero_ok else ""}.')
+    raise ValueError(f'{key}={value!r} must be '
+                     f'{">= 0" if zero_ok else "> 0"}.')
 
 
 def _duration(key: str, value) -> None:
@@ -48,7 +48,7 @@ def _duration(key: str, value) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every setting that needs neither data nor devices."""
   m = config.model
-  _choice('model.name', m.name, MODELS)
+  _choice('model.name', m.name, available_models())
   module = get_model_module(m.name)
   try:
     module.decode_variant(m.variant)
@@ -59,27 +59,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ('dropout', 'drop_path'):
     if not 0 <= m[key] < 1:
       raise ValueError(f'model.{key}={m[key]!r} must lie in [0, 1).')
-  if m.name != 't5':
-    _positive('model.num_classes', m.num_classes)
+  tasks.task_class(config.task).validate(config)
 
   d = config.data
   if not d.name:
     raise ValueError("data.name='' : name a TFDS dataset, e.g. 'pgf_digits'.")
-  _positive('data.image_size', d.image_size)
-  _choice('data.preprocess', d.preprocess, ('simple', 'imagenet'))
-  _positive('data.randaugment_n', d.randaugment_n, zero_ok=True)
-  if not 0 <= d.randaugment_m <= 30:
-    raise ValueError(f'data.randaugment_m={d.randaugment_m} must lie in '
-                     '[0, 30].')
-  _positive('data.mixup_alpha', d.mixup_alpha, zero_ok=True)
   _positive('data.num_workers', d.num_workers, zero_ok=True)
-  _choice('data.vocab', d.vocab, ('byte', 'sentencepiece'))
-  _positive('data.inputs_length', d.inputs_length)
-  _positive('data.targets_length', d.targets_length)
-  if not 0 < d.noise_density < 1:
-    raise ValueError(f'data.noise_density={d.noise_density} must lie in '
-                     '(0, 1).')
-  _positive('data.mean_noise_span_length', d.mean_noise_span_length)
+  if not isinstance(d.shuffle_seed, int) or d.shuffle_seed < -1:
+    raise ValueError(f'data.shuffle_seed={d.shuffle_seed!r} must be -1 (use '
+                     'the config seed) or an integer >= 0.')
 
   _positive('batch_size', config.batch_size)
   _positive('eval_batch_size', config.eval_batch_size)
@@ -87,11 +75,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f'batch_size={config.batch_size} is not divisible by '
                      f'grad_accum_steps={config.grad_accum_steps}.')
-  _choice('loss', config.loss, ('softmax_xent', 'sigmoid_xent'))
   if not 0 <= config.label_smoothing < 1:
     raise ValueError(f'label_smoothing={config.label_smoothing} must lie in '
                      '[0, 1).')
-  _positive('z_loss', config.z_loss, zero_ok=True)
   for key in ('total_steps', 'log_every', 'eval_every', 'checkpoint_every',
               'optimizer.warmup', 'optimizer.cooldown', 'sparsity.dense_warmup',
               'sparsity.fine_tune'):
@@ -117,11 +103,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for role in ROLES:
     g = s[role]
     key = f'sparsity.{role}'
-    _choice(f'{key}.recipe', g.recipe, RECIPES)
-    _choice(f'{key}.sdgf', g.sdgf, SDGF_MODES)
-    _choice(f'{key}.mdgf_grad', g.mdgf_grad, MDGF_GRADS)
+    _choice(f'{key}.recipe', g.recipe, recipes.RECIPES)
+    _choice(f'{key}.sdgf', g.sdgf, recipes.SDGF_MODES)
+    _choice(f'{key}.mdgf_grad', g.mdgf_grad, recipes.MDGF_GRADS)
     _choice(f'{key}.axis', g.axis, GROUP_AXES)
-    if g.recipe == 'dense':
+    if not recipes.RECIPES[g.recipe].masked:
       continue
     try:
       NM(g.n, g.m)
@@ -137,17 +123,37 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       _parse_frames(key, g.custom_frames, total_steps=1, steps_per_epoch=1)
     # GroupSpec validates the remaining combinations (frame maps, signs).
     _group_spec(role, g, layers='.', total_steps=1, steps_per_epoch=1)
-  if s.ff.recipe == 'dense' and all(s[r].recipe == 'dense' for r in ROLES):
-    pass  # A dense baseline run is allowed.
+
+  dg = config.diagnostics
+  if dg.enabled:
+    _positive('diagnostics.sub_batches', dg.sub_batches)
+    if dg.sub_batches < 2 or (config.batch_size // config.grad_accum_steps
+                              ) % dg.sub_batches:
+      raise ValueError(
+          f'diagnostics.sub_batches={dg.sub_batches} must be >= 2 and divide '
+          f'the micro-batch ({config.batch_size // config.grad_accum_steps} '
+          'examples).')
+    try:
+      re.compile(dg.layers)
+    except re.error as e:
+      raise ValueError(f'diagnostics.layers={dg.layers!r} is not a regex: '
+                       f'{e}') from None
 
   mesh = config.mesh
-  if not (mesh.data == -1 or mesh.data >= 1):
+  if not (mesh.data == -1 or (isinstance(mesh.data, int) and mesh.data >= 1)):
     raise ValueError(f'mesh.data={mesh.data} must be -1 (all) or >= 1.')
   _positive('mesh.model', mesh.model)
   for rule in mesh.rules:
-    if len(rule) != 2 or rule[1] not in (None, 'data', 'model'):
+    if len(rule) != 2 or not _mesh_axes_ok(rule[1]):
       raise ValueError(f'mesh.rules entry {rule!r} must be (logical name, '
-                       "'data' | 'model' | None).")
+                       "mesh axes), the axes 'data', 'model', None or a tuple "
+                       'of those.')
+
+
+def _mesh_axes_ok(axes) -> bool:
+  if axes is None or axes in ('data', 'model'):
+    return True
+  return isinstance(axes, tuple) and all(a in ('data', 'model') for a in axes)
 
 
 def _parse_frames(key: str, text: str, *, total_steps: int,
@@ -169,6 +175,23 @@ def _parse_frames(key: str, text: str, *, total_steps: int,
   return tuple(frames)
 
 
+def _group_axes(key: str, text: str) -> tuple[int | str, ...] | None:
+  """'' -> None; '0' or '0,1' -> axis numbers; 'embed' -> logical names."""
+  items = [t.strip() for t in text.split(',') if t.strip()]
+  if not items:
+    return None
+  out = []
+  for item in items:
+    if re.fullmatch(r'-?\d+', item):
+      out.append(int(item))
+    elif re.fullmatch(r'[A-Za-z_][A-Za-z0-9_]*', item):
+      out.append(item)
+    else:
+      raise ValueError(f'{key}.group_axes={text!r}: {item!r} is neither an '
+                       'axis number nor a logical axis name.')
+  return tuple(out)
+
+
 def _group_spec(role: str, g, *, layers: str, total_steps: int,
                 steps_per_epoch: int | None) -> GroupSpec:
   key = f'sparsity.{role}'
@@ -178,7 +201,7 @@ def _group_spec(role: str, g, *, layers: str, total_steps: int,
           key, g.custom_frames, total_steps=total_steps,
           steps_per_epoch=steps_per_epoch) if g.sdgf == 'custom' else (),
       decay=g.decay, mdgf_grad=g.mdgf_grad, srste_lambda=g.srste_lambda,
-      axis=g.axis)
+      axis=g.axis, group_axes=_group_axes(key, g.group_axes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +247,7 @@ def build_schedule(config, run: RunSteps) -> SparsitySchedule:
   groups = []
   for role in ROLES:
     g = config.sparsity[role]
-    if g.recipe == 'dense':
+    if not recipes.RECIPES[g.recipe].masked:
       continue
     groups.append(_group_spec(role, g, layers=g.layers or defaults[role],
                               total_steps=run.total,

@@ -10,7 +10,7 @@ M <= 256). Other parameters are stored as they are. A JSON manifest inside
 the file names each kernel's shape, pattern and group axes.
 
 `decompress` rebuilds the dense-layout params (zeros where pruned), which
-equal `pgf.sparsity.hard_masked_params` exactly.
+equal `Sparsifier.hard_masked` exactly.
 """
 
 from __future__ import annotations
@@ -45,20 +45,27 @@ def _from_groups(g: np.ndarray, shape: tuple[int, ...],
   return np.moveaxis(g, -1, axes[0] + 1).reshape(shape)
 
 
-def compress(params, plan: sp.SparsityPlan, infos) -> dict[str, np.ndarray]:
-  """Flat dict of arrays (sparse kernels as values/indices) + a manifest."""
+def compress(params, sparsifier: sp.Sparsifier,
+             plan: sp.SparsityPlan | None = None) -> dict[str, np.ndarray]:
+  """Flat dict of arrays (sparse kernels as values/indices) + a manifest.
+
+  Args:
+    params: the trained (dense) parameters.
+    sparsifier: the run's Sparsifier (which kernels, which group axes).
+    plan: the pattern to export; the final plan by default.
+  """
+  plan = sparsifier.schedule.final_plan() if plan is None else plan
   flat = flax.traverse_util.flatten_dict(
       flax.core.unfreeze(jax.device_get(params)), sep='/')
   masks = {k: np.asarray(v) for k, v in
-           sp.masks_from_params(params, plan, infos).items()}
+           sparsifier.masks(params, plan).items()}
+  matched = sparsifier.matched(plan)
   out, manifest = {}, {}
   for key, w in flat.items():
-    layer = key.rsplit('/', 1)[0]
-    if key.endswith('/kernel') and layer in masks:
-      rule = plan.lookup(layer)
-      axes = infos[layer].group_axes(rule.axis)
+    if key in masks:
+      rule, axes = matched[key]
       wg = _to_groups(np.asarray(w), axes, rule.nm.m)
-      mg = _to_groups(masks[layer], axes, rule.nm.m)
+      mg = _to_groups(masks[key], axes, rule.nm.m)
       # Positions of the kept weights, ascending within each group.
       idx = np.argsort(~mg, axis=-1, kind='stable')[..., :rule.nm.n]
       dtype = np.uint8 if rule.nm.m <= 256 else np.uint16
@@ -95,10 +102,10 @@ def export_run(workdir: str, *, step: int | None = None,
                out: str | None = None) -> str:
   """Compresses the params of a run's checkpoint; returns the file path."""
   from pgf import checkpointing
-  from pgf import train as train_lib
+  from pgf import step as step_lib
   with open(os.path.join(workdir, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  s = train_lib.setup(config)
+  s = step_lib.setup(config)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
   step = ckpt.latest_step() if step is None else step
   if step is None:
@@ -108,11 +115,10 @@ def export_run(workdir: str, *, step: int | None = None,
       nn.unbox(s.abstract_state), s.state_sharding)
   state = ckpt.manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))['state']
-  plan = s.schedule.final_plan()
-  arrays = compress(state.params, plan, s.infos)
+  arrays = compress(state.params, s.sparsifier)
   reports = sp.verify_nm(
       flax.traverse_util.flatten_dict(decompress(arrays), sep='/'),
-      sp.export_patterns(plan, s.infos))
+      s.sparsifier.export_patterns())
   bad = [p for p, r in reports.items() if not r.is_nm]
   if bad:
     raise ValueError(f'Exported kernels are not N:M: {bad}')

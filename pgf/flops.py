@@ -1,4 +1,4 @@
-"""FLOPs accounting for iso-FLOPs comparisons (method.md section 7).
+"""FLOPs accounting for iso-FLOPs comparisons (docs/recipes.md section 7).
 
 Let f be the dense forward FLOPs of a sparse layer and d = N/M.
   dense step:            3f  (forward, activation gradient, weight gradient)
@@ -25,20 +25,24 @@ import math
 import flax.linen as nn
 import jax
 
+from pgf import config_lib
 from pgf import sparsity as sp
 
 
 def sparse_layer_forward_flops(model: nn.Module, inputs: tuple,
-                               *, train: bool = False) -> dict[str, float]:
-  """Dense forward FLOPs of every sparse-capable layer, for one call.
+                               kwargs: dict | None = None, *,
+                               train: bool = False) -> dict[str, float]:
+  """Dense forward FLOPs of every sparse-capable kernel, for one call.
 
   Args:
     model: a pgf model.
     inputs: positional model inputs (arrays or ShapeDtypeStructs).
+    kwargs: keyword model inputs.
 
   Returns:
-    '/'-joined layer path -> 2 * (output positions) * (kernel size).
+    '/'-joined kernel path -> 2 * (output positions) * (kernel size).
   """
+  kwargs = kwargs or {}
   records: dict[str, float] = {}
 
   def interceptor(next_fun, args, kwargs, context):
@@ -54,26 +58,29 @@ def sparse_layer_forward_flops(model: nn.Module, inputs: tuple,
         f = module.features
         features = math.prod((f,) if isinstance(f, int) else f)
       rows = math.prod(out.shape) // features
-      path = '/'.join(module.scope.path)
+      path = '/'.join(module.scope.path) + '/kernel'
       records[path] = records.get(path, 0.0) + 2.0 * rows * math.prod(
           kernel.shape)
     return out
 
   def fwd(rng):
-    variables = model.init(rng, *inputs, train=False)
+    variables = model.init(rng, *inputs, train=False, **kwargs)
     with nn.intercept_methods(interceptor):
-      return model.apply(variables, *inputs, train=train)
+      return model.apply(variables, *inputs, train=train, **kwargs)
 
   jax.eval_shape(fwd, jax.random.key(0))
   return records
 
 
-def model_forward_flops(model: nn.Module, inputs: tuple) -> float:
+def model_forward_flops(model: nn.Module, inputs: tuple,
+                        kwargs: dict | None = None) -> float:
   """Forward FLOPs of the whole model from XLA's cost analysis (lowered)."""
+  kwargs = kwargs or {}
   variables = jax.eval_shape(
-      lambda r: model.init(r, *inputs, train=False), jax.random.key(0))
-  lowered = jax.jit(lambda v, *x: model.apply(v, *x, train=False)).lower(
-      variables, *inputs)
+      lambda r: model.init(r, *inputs, train=False, **kwargs),
+      jax.random.key(0))
+  lowered = jax.jit(lambda v, x, kw: model.apply(v, *x, train=False, **kw)
+                    ).lower(variables, inputs, kwargs)
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost['flops'])
@@ -110,23 +117,38 @@ class FlopsReport:
     return '\n'.join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelCosts:
+  """Dense forward FLOPs of one example: the whole model and each sparse-
+  capable kernel ('/'-joined parameter path -> f)."""
+
+  forward: float
+  kernels: dict[str, float]
+
+
+def model_costs(task) -> ModelCosts:
+  """ModelCosts of the task's model (lowers its forward pass once)."""
+  model = task.build_model(None)
+  inputs, kwargs = task.model_inputs(task.dummy_batch(1))
+  return ModelCosts(forward=model_forward_flops(model, inputs, kwargs),
+                    kernels=sparse_layer_forward_flops(model, inputs, kwargs))
+
+
 def flops_report(config, task, schedule: sp.SparsitySchedule, run,
-                 *, alpha_threshold: float = 1e-2,
+                 *, costs: ModelCosts | None = None,
+                 alpha_threshold: float = 1e-2,
                  backward_factor: float = 2.0) -> FlopsReport:
-  """FLOPs of every phase of a run under the recipe (method.md section 7).
+  """FLOPs of every phase of a run under the recipe (docs/recipes.md
+  section 7).
 
   Args:
-    alpha_threshold: MdGf steps with alpha above this count as dense.
+    costs: the model's `model_costs(task)` (computed if None).
+    alpha_threshold: steps whose alpha exceeds this count as dense (MdGf
+      early on: the forward is effectively dense).
     backward_factor: backward FLOPs / forward FLOPs of a dense layer (2).
   """
-  batch = task.dummy_batch(1)
-  model = task.build_model(None)
-  if config.model.name == 't5':
-    inputs = (batch['encoder_input_tokens'], batch['decoder_input_tokens'])
-  else:
-    inputs = (batch['image'],)
-  layer_f = sparse_layer_forward_flops(model, inputs)
-  total_f = model_forward_flops(model, inputs)
+  costs = model_costs(task) if costs is None else costs
+  layer_f, total_f = costs.kernels, costs.forward
   fwd_bwd = 1.0 + backward_factor
 
   def cost(plan: sp.SparsityPlan, dense_groups: set) -> tuple[float, float]:
@@ -148,10 +170,10 @@ def flops_report(config, task, schedule: sp.SparsitySchedule, run,
   bounds = {0, run.total, schedule.sparse_start, schedule.fine_tune_start}
   for g in schedule.sparse_groups:
     bounds.update(_sdgf_starts(schedule, g))
-    if g.is_mdgf and g.decay > 0:
-      t = (math.log(1 / alpha_threshold) if g.recipe == 'mdgf_exp'
-           else 1 - alpha_threshold) / g.decay
-      bounds.add(schedule.sparse_start + math.floor(t) + 1)
+    # A step costs dense while the recipe's alpha exceeds the threshold.
+    t = g.recipe_def.steps_until(alpha_threshold, g.decay)
+    if t is not None:
+      bounds.add(schedule.sparse_start + t)
   bounds = sorted(b for b in bounds if 0 <= b <= run.total)
   step_by_phase, steps_by_phase = {}, {}
   total = 0.0
@@ -160,10 +182,10 @@ def flops_report(config, task, schedule: sp.SparsitySchedule, run,
     phase = schedule.phase(start)
     dense_groups = {
         g.name for g in schedule.sparse_groups
-        if g.is_mdgf and phase == 'sparse'
-        and _alpha(g, start - schedule.sparse_start) > alpha_threshold}
+        if phase == 'sparse'
+        and schedule.alpha_host(start, g) > alpha_threshold}
     label = f'{phase} {plan.describe()}' + (
-        f' (MdGf alpha > {alpha_threshold:g}: dense for '
+        f' (alpha > {alpha_threshold:g}: dense for '
         f'{",".join(sorted(dense_groups))})' if dense_groups else '')
     if label not in step_by_phase:
       step_by_phase[label] = cost(plan, dense_groups)[0]
@@ -181,12 +203,6 @@ def flops_report(config, task, schedule: sp.SparsitySchedule, run,
       total_train_dense=fwd_bwd * total_f * run.total * config.batch_size)
 
 
-def _alpha(group: sp.GroupSpec, t: int) -> float:
-  if group.recipe == 'mdgf_linear':
-    return max(1.0 - group.decay * t, 0.0)
-  return math.exp(-group.decay * t)
-
-
 def _sdgf_starts(schedule: sp.SparsitySchedule, group: sp.GroupSpec):
   """First step of every SdGf frame of `group` (bisection on frame_index)."""
   frames = sp.sdgf_frames(group)
@@ -201,3 +217,52 @@ def _sdgf_starts(schedule: sp.SparsitySchedule, group: sp.GroupSpec):
         lo = mid + 1
     starts.append(lo)
   return starts
+
+
+def iso_flops_config(config, target_train_flops: float, *, costs: ModelCosts,
+                     task, num_train_examples: int,
+                     alpha_threshold: float = 1e-2):
+  """A copy of `config` whose run costs `target_train_flops` training FLOPs.
+
+  Only the run length changes: `total_steps` becomes the smallest number of
+  steps whose training FLOPs reach the target. Durations written as
+  fractions or percentages (warm-up, phases, SdGf frames) stretch with it,
+  and every decaying recipe's coefficient is rescaled by old / new length,
+  so alpha is the same function of the fraction of the run (its dense-cost
+  share stays the same). Durations in steps or epochs do not change.
+
+  Args:
+    config: the config to stretch or shrink (e.g. SR-STE at 1:32).
+    target_train_flops: e.g. `flops_report(...).total_train` of another run.
+    costs: `model_costs(task)` of the model (the same model as `config`'s).
+    task: `config`'s task.
+    num_train_examples: the dataset size (for epochs).
+
+  Returns:
+    (new config, its FlopsReport).
+  """
+  base_run = config_lib.resolve_run(config,
+                                    num_train_examples=num_train_examples)
+
+  def at(total: int):
+    c = config.copy_and_resolve_references()
+    c.total_steps = str(total)
+    for role in config_lib.ROLES:
+      g = c.sparsity[role]
+      if sp.RECIPES[g.recipe].decays:
+        g.decay = config.sparsity[role].decay * base_run.total / total
+    run = config_lib.resolve_run(c, num_train_examples=num_train_examples)
+    schedule = config_lib.build_schedule(c, run)
+    return c, flops_report(c, task, schedule, run, costs=costs,
+                           alpha_threshold=alpha_threshold)
+
+  lo, hi = 1, max(base_run.total, 1)
+  while at(hi)[1].total_train < target_train_flops:
+    lo, hi = hi, hi * 2
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if at(mid)[1].total_train >= target_train_flops:
+      hi = mid
+    else:
+      lo = mid + 1
+  return at(lo)

@@ -15,7 +15,7 @@ import optax
 from pgf import sparsity as sp
 from pgf.config_lib import RunSteps
 
-REFERENCE_BATCH = 4096  # method.md section 6: lr 1e-3 at batch 4096.
+REFERENCE_BATCH = 4096  # The released ViT-B recipe: lr 1e-3 at batch 4096.
 
 
 def peak_lr(config) -> float:
@@ -57,13 +57,13 @@ def decay_mask(params) -> dict:
       {k: k[-1] in ('kernel', 'embedding') for k in flat})
 
 
-def make_optimizer(config, run: RunSteps
+def make_optimizer(config, run: RunSteps, sparsifier: sp.Sparsifier
                    ) -> tuple[optax.GradientTransformationExtraArgs,
                               optax.Schedule]:
-  """The full chain; `update` takes extra args masks= and sparsity=."""
+  """The full chain; `update` takes the extra args step= and plan=."""
   o = config.optimizer
   schedule = lr_schedule(config, run)
-  parts = [sp.sparse_gradients()]
+  parts = [sparsifier.gradient_transform()]
   if o.clip_norm:
     parts.append(optax.clip_by_global_norm(o.clip_norm))
   if o.name == 'adamw':

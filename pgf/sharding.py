@@ -13,30 +13,28 @@ import optax
 
 
 def make_mesh(config, devices=None) -> Mesh:
-  """A ('data', 'model') mesh over all devices (of all processes)."""
-  devices = jax.devices() if devices is None else devices
+  """A ('data', 'model') mesh over all devices (of all processes), laid out
+  for the hardware by `jax.make_mesh`."""
+  devices = jax.devices() if devices is None else list(devices)
   n = len(devices)
   model = config.mesh.model
   data = config.mesh.data if config.mesh.data != -1 else n // model
   if data * model != n or n % model:
+    hint = ('use mesh.data=-1 or ' if config.mesh.data != -1 else
+            f'mesh.model={model} must divide it; use ')
     raise ValueError(
         f'mesh.data={config.mesh.data} x mesh.model={model} does not cover '
-        f'the {n} available devices; use mesh.data=-1 or a factorisation of '
-        f'{n}.')
-  try:
-    from jax.experimental import mesh_utils
-    grid = mesh_utils.create_device_mesh((data, model), devices=devices)
-  except (ValueError, NotImplementedError, AssertionError):
-    grid = np.asarray(devices).reshape(data, model)
-  return Mesh(grid, ('data', 'model'))
+        f'the {n} available devices; {hint}a factorisation of {n}.')
+  # Auto axes: shardings come from in/out_shardings and Flax's logical
+  # constraints, and XLA propagates the rest (not explicit sharding types).
+  return jax.make_mesh((data, model), ('data', 'model'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices)
 
 
-def logical_rules(config) -> tuple[tuple[str, str | None], ...]:
+def logical_rules(config) -> tuple[tuple[str, str | tuple | None], ...]:
+  """config.mesh.rules as Flax's logical axis rules (name -> mesh axes)."""
   return tuple((name, axis) for name, axis in config.mesh.rules)
-
-
-def logical_to_mesh_axis(config) -> dict[str, str | None]:
-  return dict(logical_rules(config))
 
 
 def shardings_of(abstract_boxed, mesh: Mesh, rules):

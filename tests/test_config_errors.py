@@ -4,11 +4,11 @@ names the key, the value and what is allowed."""
 import jax
 import pytest
 
-from configs import t5_base
-from configs import vit_base
 from pgf import config_lib
 from pgf import data as data_lib
-from pgf import train as train_lib
+from pgf import step as train_lib
+from pgf.configs import t5_base
+from pgf.configs import vit_base
 
 
 def runlocal(data_dir, arg='mdgf_exp,1:4,runlocal'):
@@ -29,6 +29,12 @@ def runlocal(data_dir, arg='mdgf_exp,1:4,runlocal'):
     ('sparsity.dense_warmup', 'soon', r"sparsity.dense_warmup='soon'"),
     ('total_steps', '1.5', r"total_steps='1.5'.*\[0, 1\]"),
     ('model.name', 'resnet', r"model.name='resnet'.*'vit'"),
+    ('task', 'regression', r"task='regression' is not a task.*"
+     r"'classification'"),
+    ('task', 'span_corruption', r"task='span_corruption' cannot train "
+     r"model.name='vit'"),
+    ('sparsity.ff.group_axes', '0;1', r"sparsity.ff.group_axes='0;1'"),
+    ('data.shuffle_seed', -2, r'data.shuffle_seed=-2'),
     ('model.variant', 'XL/16', r"model.variant='XL/16'"),
     ('model.dtype', 'float16', r"model.dtype='float16'.*bfloat16"),
     ('optimizer.name', 'sgd', r"optimizer.name='sgd'.*adafactor"),
@@ -53,7 +59,7 @@ def test_validate_config_names_key_and_value(key, value, match):
 
 def test_stepwise_needs_power_of_two_ratio():
   c = vit_base.get_config('sdgf_stepwise,3:16,runlocal')
-  with pytest.raises(ValueError, match=r'sparsity.ff.sdgf=stepwise.*3:16'):
+  with pytest.raises(ValueError, match=r'sparsity.ff: stepwise SdGf.*3:16'):
     config_lib.validate_config(c)
 
 
@@ -78,7 +84,7 @@ def test_role_regex_matching_nothing_fails(data_dir):
   c = runlocal(data_dir)
   c.sparsity.ff.layers = r'/no_such_layer$'
   with pytest.raises(ValueError, match=r"sparsity.ff.layers='/no_such_layer\$'"
-                     r' matches no sparse-capable layer'):
+                     r' matches no sparse-capable kernel'):
     train_lib.setup(c)
 
 
@@ -86,8 +92,8 @@ def test_overlapping_roles_fail(data_dir):
   c = runlocal(data_dir)
   c.sparsity.o.recipe = 'ste'
   c.sparsity.o.n, c.sparsity.o.m = 1, 4
-  c.sparsity.o.layers = r'/mlp/wi$'
-  with pytest.raises(ValueError, match=r'selected by several sparsity roles'):
+  c.sparsity.o.layers = r'/mlp/wi/kernel$'
+  with pytest.raises(ValueError, match=r'selected by several sparsity groups'):
     train_lib.setup(c)
 
 

@@ -1,19 +1,22 @@
 """Vision input pipeline on the offline pgf_digits dataset (and a tiny JPEG
-dataset made here): splits, shapes, sharding, eval padding, exact resume,
-mixup, RandAugment and the errors for datasets that are not prepared."""
+dataset made here): splits, shapes, the order (seeded, the same global batch
+for any number of processes), eval padding, exact resume, the in-memory
+path, mixup, RandAugment and the errors for datasets that are not
+prepared."""
 
 from collections import Counter
 import io
 import os
 import sys
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from configs.base import get_base_config
-from pgf import data
+from pgf import tasks
+from pgf.configs.base import get_base_config
 from pgf.data import builders
 from pgf.data import images
 
@@ -71,7 +74,7 @@ def test_digits_builder_prepares_offline(digits_dir):
 
 
 def test_dataset_info(digits_dir):
-  info = data.dataset_info(_config(digits_dir, image_size=32))
+  info = images.dataset_info(_config(digits_dir, image_size=32))
   assert (info.num_train_examples, info.num_eval_examples) == (TRAIN, TEST)
   assert info.num_classes == 10
   assert info.train_spec == {'image': ((32, 32, 1), np.float32),
@@ -82,7 +85,7 @@ def test_dataset_info(digits_dir):
 
 def test_train_batch_shapes_and_normalisation(digits_dir):
   config = _config(digits_dir, image_size=32)
-  it = data.make_train_iterator(config, global_batch_size=16,
+  it = images.make_train_iterator(config, global_batch_size=16,
                                 process_index=0, process_count=2)
   batch = next(it)
   assert batch['image'].shape == (8, 32, 32, 1)
@@ -94,27 +97,81 @@ def test_train_batch_shapes_and_normalisation(digits_dir):
   assert set(np.unique(batch['label'])) == {0, 1}
 
 
-def test_processes_partition_the_train_split_each_epoch(digits_dir):
-  config = _config(digits_dir)
-  local, per_process = 7, TRAIN // 2  # 721 = 7 * 103 batches per epoch.
-  epochs = {}
+def _keys(batch):
+  return [_key(x, y.argmax()) for x, y in zip(batch['image'],
+                                              batch['label'])]
+
+
+@pytest.mark.parametrize('in_memory', [False, True])
+def test_same_global_batches_for_any_process_count(digits_dir, in_memory):
+  config = _config(digits_dir, in_memory=in_memory)
+  global_batch, steps = 14, 2 * TRAIN // 14 + 3   # Two epochs and a bit.
+  one = images.make_train_iterator(config, global_batch_size=global_batch,
+                                   process_index=0, process_count=1)
+  two = [images.make_train_iterator(config, global_batch_size=global_batch,
+                                    process_index=p, process_count=2)
+         for p in range(2)]
+  stream = []
+  for _ in range(steps):
+    want = _keys(next(one))
+    # Process 0's slice, then process 1's: the same global batch.
+    assert _keys(next(two[0])) + _keys(next(two[1])) == want
+    stream += want
+  # Every epoch is the whole split, reshuffled; nothing dropped at its end.
+  first, second = stream[:TRAIN], stream[TRAIN:2 * TRAIN]
+  split = Counter(_processed_split(config, 'train'))
+  assert Counter(first) == split and Counter(second) == split
+  assert first != second
+
+
+def test_config_seed_seeds_the_order(digits_dir):
+  def first_batch(**kw):
+    c = _config(digits_dir)
+    c.seed = kw.pop('seed', 0)
+    c.data.shuffle_seed = kw.pop('shuffle_seed', -1)
+    return _keys(next(images.make_train_iterator(
+        c, global_batch_size=16, process_index=0, process_count=1)))
+  assert first_batch(seed=0) == first_batch(seed=0)
+  assert first_batch(seed=0) != first_batch(seed=1)
+  # data.shuffle_seed, when set, overrides config.seed for the order only.
+  assert first_batch(seed=0, shuffle_seed=1) == first_batch(seed=1)
+  assert first_batch(seed=5, shuffle_seed=1) == first_batch(seed=1)
+
+
+def test_in_memory_path_equals_grain_path(digits_dir):
+  grain_it = images.make_train_iterator(
+      _config(digits_dir), global_batch_size=16, process_index=1,
+      process_count=2)
+  memory = _config(digits_dir, in_memory=True)
+  mem_it = images.make_train_iterator(memory, global_batch_size=16,
+                                      process_index=1, process_count=2)
+  for _ in range(5):
+    a, b = next(grain_it), next(mem_it)
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+      assert a[k].dtype == b[k].dtype
+  state = mem_it.get_state()
+  want = next(mem_it)
+  again = images.make_train_iterator(memory, global_batch_size=16,
+                                     process_index=1, process_count=2)
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)['image'], want['image'])
   for p in range(2):
-    it = data.make_train_iterator(config, global_batch_size=2 * local,
-                                  process_index=p, process_count=2)
-    keys = [_key(x, y.argmax()) for _ in range(2 * per_process // local)
-            for b in [next(it)] for x, y in zip(b['image'], b['label'])]
-    epochs[p] = keys[:per_process], keys[per_process:]
-  for p in range(2):  # Reshuffled every epoch, same examples.
-    first, second = epochs[p]
-    assert first != second and Counter(first) == Counter(second)
-  # Disjoint and together the whole split (within one epoch).
-  assert (Counter(epochs[0][0]) + Counter(epochs[1][0])
-          == Counter(_processed_split(config, 'train')))
+    a = list(images.make_eval_iterable(_config(digits_dir),
+                                       global_batch_size=64, process_index=p,
+                                       process_count=2))
+    b = list(images.make_eval_iterable(memory, global_batch_size=64,
+                                       process_index=p, process_count=2))
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+      for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
 
 
 def test_eval_sees_every_example_once_across_processes(digits_dir):
   config = _config(digits_dir)
-  passes = [list(data.make_eval_iterable(config, global_batch_size=64,
+  passes = [list(images.make_eval_iterable(config, global_batch_size=64,
                                          process_index=p, process_count=2))
             for p in range(2)]
   assert len(passes[0]) == len(passes[1]) == -(-TEST // 64)  # 6 batches.
@@ -130,7 +187,7 @@ def test_eval_sees_every_example_once_across_processes(digits_dir):
   assert sum(b['mask'].sum() for p in passes for b in p) == TEST
   assert seen == _processed_split(config, 'test')
   # Iterating again gives the same pass.
-  again = list(data.make_eval_iterable(config, global_batch_size=64,
+  again = list(images.make_eval_iterable(config, global_batch_size=64,
                                        process_index=1, process_count=2))
   np.testing.assert_array_equal(again[-1]['image'], passes[1][-1]['image'])
 
@@ -138,7 +195,7 @@ def test_eval_sees_every_example_once_across_processes(digits_dir):
 def test_iterator_state_restores_exact_batches(digits_dir):
   config = _config(digits_dir, preprocess='imagenet', randaugment_n=2,
                    randaugment_m=15, mixup_alpha=0.5, shuffle_seed=3)
-  make = lambda: data.make_train_iterator(
+  make = lambda: images.make_train_iterator(
       config, global_batch_size=8, process_index=1, process_count=2)
   it = make()
   for _ in range(3):
@@ -157,14 +214,15 @@ def test_iterator_state_restores_exact_batches(digits_dir):
 
 
 def test_mixup_is_a_convex_combination_within_the_batch(digits_dir):
-  plain = data.make_train_iterator(_config(digits_dir), global_batch_size=16,
-                                   process_index=0, process_count=1)
-  mixed = data.make_train_iterator(_config(digits_dir, mixup_alpha=0.5),
-                                   global_batch_size=16, process_index=0,
-                                   process_count=1)
+  # Mixup runs on the device, on the global batch, in the task.
+  config = _config(digits_dir, mixup_alpha=0.5)
+  task = tasks.get_task(config, images.dataset_info(config))
+  it = images.make_train_iterator(config, global_batch_size=16,
+                                  process_index=0, process_count=1)
   lams = []
-  for _ in range(3):
-    x, m = next(plain), next(mixed)
+  for step in range(3):
+    x = next(it)
+    m = jax.device_get(task.augment(x, jax.random.key(step)))
     y = x['label'].argmax(-1)
     differ = np.flatnonzero(y != y[::-1])
     lam = m['label'][differ[0], y[differ[0]]]
@@ -177,7 +235,9 @@ def test_mixup_is_a_convex_combination_within_the_batch(digits_dir):
     np.testing.assert_allclose(
         m['image'], lam * x['image'] + (1 - lam) * x['image'][::-1],
         atol=1e-6)
-  assert len(set(lams)) == 3  # One lambda per batch.
+  assert len(set(lams)) == 3  # One lambda per step.
+  off = tasks.get_task(_config(digits_dir), images.dataset_info(config))
+  assert off.augment(x, jax.random.key(0)) is x
 
 
 @pytest.mark.parametrize('mode', ['L', 'RGB'])
@@ -209,23 +269,23 @@ def test_check_available_explains_unprepared_imagenet(tmp_path):
   config = _config(empty, name='imagenet2012')
   config.model.num_classes = 1000
   with pytest.raises(ValueError) as e:
-    data.check_available(config)
+    images.check_available(config)
   message = str(e.value)
   for part in ("'imagenet2012'", empty, 'pgf.data.prepare --dataset='
                'imagenet2012', 'downloads/manual'):
     assert part in message
   assert os.listdir(empty) == []  # Nothing downloaded or written.
   with pytest.raises(ValueError, match="data.name='no_such_dataset'"):
-    data.check_available(_config(empty, name='no_such_dataset'))
+    images.check_available(_config(empty, name='no_such_dataset'))
 
 
 def test_check_available_names_bad_split_and_classes(digits_dir):
   with pytest.raises(ValueError, match="data.eval_split='validation'"):
-    data.check_available(_config(digits_dir, eval_split='validation'))
+    images.check_available(_config(digits_dir, eval_split='validation'))
   config = _config(digits_dir)
   config.model.num_classes = 1000
   with pytest.raises(ValueError, match='model.num_classes=1000'):
-    data.check_available(config)
+    images.check_available(config)
 
 
 class PgfTestJpegs(tfds.core.GeneratorBasedBuilder):
@@ -259,12 +319,12 @@ def test_jpeg_dataset_with_imagenet_preprocessing(tmp_path):
   config = _config(str(tmp_path), name='pgf_test_jpegs', image_size=16,
                    preprocess='imagenet', randaugment_n=2, mixup_alpha=0.5)
   config.model.num_classes = 3
-  batch = next(data.make_train_iterator(config, global_batch_size=4,
+  batch = next(images.make_train_iterator(config, global_batch_size=4,
                                         process_index=0, process_count=1))
   assert batch['image'].shape == (4, 16, 16, 3)
   assert batch['label'].shape == (4, 3)
   assert np.all(np.isfinite(batch['image']))
-  first = next(iter(data.make_eval_iterable(
+  first = next(iter(images.make_eval_iterable(
       config, global_batch_size=8, process_index=0, process_count=1)))
   assert first['image'].shape == (8, 16, 16, 3)
   np.testing.assert_array_equal(first['mask'], [1] * 6 + [0] * 2)

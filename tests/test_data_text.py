@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import base
+from pgf.configs import base
 from pgf.data import text
 from pgf.data import text_builders
 from pgf.data import vocab as vocab_lib
@@ -245,15 +245,26 @@ def test_train_batches(data_dir):
 
 
 def test_train_is_sharded_and_seeded(data_dir):
-  def first(**kw):
+  def batches(n=3, seed=0, **kw):
     c = t5_config(data_dir, **kw.pop('data', {}))
-    return next(text.make_train_iterator(c, global_batch_size=4, **kw))[
-        'encoder_input_tokens']
-  a = first(process_index=0, process_count=1)
-  np.testing.assert_array_equal(a, first(process_index=0, process_count=1))
-  assert first(process_index=0, process_count=2).shape == (2, 64)
-  assert not np.array_equal(a, first(process_index=0, process_count=1,
-                                     data={'shuffle_seed': 1}))
+    c.seed = seed
+    it = text.make_train_iterator(c, global_batch_size=4, **kw)
+    return [next(it)['encoder_input_tokens'] for _ in range(n)]
+  a = batches(process_index=0, process_count=1)
+  np.testing.assert_array_equal(a, batches(process_index=0, process_count=1))
+  # Two processes read the same global batches, one half each.
+  halves = [batches(process_index=p, process_count=2) for p in range(2)]
+  assert halves[0][0].shape == (2, 64)
+  for step in range(3):
+    np.testing.assert_array_equal(
+        np.concatenate([halves[0][step], halves[1][step]]), a[step])
+  # config.seed seeds the order; data.shuffle_seed overrides it.
+  assert not np.array_equal(a[0], batches(seed=1, process_index=0,
+                                          process_count=1)[0])
+  np.testing.assert_array_equal(
+      batches(seed=1, process_index=0, process_count=1),
+      batches(seed=7, process_index=0, process_count=1,
+              data={'shuffle_seed': 1}))
 
 
 def test_iterator_state_restores_exactly(data_dir):

@@ -1,6 +1,7 @@
-"""Tests of pgf.sparsity layers and optax transforms: forward pass, gradient
-identities of every recipe and phase, the optax chain under jit, and the
-bound on compilations (one per distinct plan, never one per step).
+"""Tests of pgf.sparsity layers, the Sparsifier's optax transforms: forward
+pass, gradient identities of every recipe and phase, the optax chain under
+jit, and the bound on compilations (one per distinct plan, never one per
+step).
 
 Every reference below is written independently of the layers: masks come from
 `nm_mask_reference` (NumPy) and gradients from differentiating a plain jnp
@@ -75,23 +76,32 @@ def _schedule(fc, out, **kw):
   """Two groups: 'fc' (layer fc1) and 'o' (layer out)."""
   kw.setdefault('total_steps', 100)
   return sp.SparsitySchedule(
-      (sp.GroupSpec('fc', layers='^fc1$', **fc),
-       sp.GroupSpec('o', layers='^out$', **out)), **kw)
+      (sp.GroupSpec('fc', layers='^fc1/kernel$', **fc),
+       sp.GroupSpec('o', layers='^out/kernel$', **out)), **kw)
+
+
+def _sparsifier(schedule):
+  boxed = Tiny().init(jax.random.key(0), _data()[0])['params']
+  return sp.Sparsifier(schedule, sp.kernel_sites(boxed))
+
+
+KERNELS = ('fc1/kernel', 'out/kernel')
 
 
 def _run(schedule, step, params, x, target, train=True):
-  """What a train step does: plan + values -> apply -> grads and masks."""
+  """What a train step does: plan + values -> apply -> grads; and the masks
+  the Sparsifier computes from the weights."""
   plan = schedule.plan(step)
   values = schedule.values(step, train=train)
-  coll = sp.layer_collection(values, plan, sp.kernel_layer_paths(params))
+  coll = sp.layer_collection(values, plan, KERNELS)
 
   def loss_fn(params):
-    y, mutated = Tiny(plan).apply(
-        {'params': params, sp.SCHEDULE_COLLECTION: coll}, x,
-        mutable=[sp.MASK_COLLECTION])
-    return _loss(y, target), (y, mutated.get(sp.MASK_COLLECTION, {}))
+    y = Tiny(plan).apply({'params': params, sp.SCHEDULE_COLLECTION: coll}, x)
+    return _loss(y, target), y
 
-  (_, (y, masks)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (_, y), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  masks = {k.split('/')[0]: m for k, m in
+           _sparsifier(schedule).masks(params, plan).items()}
   return plan, values, coll, y, masks, grads
 
 
@@ -99,7 +109,7 @@ def _ref_masks(plan, params):
   """layer -> boolean N:M mask from the NumPy reference, per the plan."""
   out = {}
   for layer in ('fc1', 'out'):
-    rule = plan.lookup(layer)
+    rule = plan.lookup(f'{layer}/kernel')
     if rule is not None:
       out[layer] = sp.nm_mask_reference(np.asarray(params[layer]['kernel']),
                                         rule.nm, AXES[layer][rule.axis])
@@ -120,10 +130,10 @@ def _ref_grad_wrt_w_eff(p_eff, x, target):
   return jax.grad(lambda p: _loss(_reference_forward(p, x), target))(p_eff)
 
 
-def _transform(grads, params, masks, coll):
-  tx = sp.sparse_gradients()
-  updates, _ = tx.update(grads, tx.init(params), params, masks=masks,
-                         sparsity=coll)
+def _transform(grads, params, schedule, step, plan=None):
+  tx = _sparsifier(schedule).gradient_transform()
+  updates, _ = tx.update(grads, tx.init(params), params, step=step,
+                         plan=plan)
   return updates
 
 
@@ -150,10 +160,10 @@ def test_forward_and_straight_through(recipe, axis):
   plan, values, coll, y, masks, grads = _run(sched, step, params, x, target)
   ref = _ref_masks(plan, params)
   assert set(ref) == {'fc1', 'out'}
-  # The layers sow exactly the reference masks; nothing for the head.
+  # The Sparsifier's masks are the reference masks; nothing for the head.
   assert set(masks) == {'fc1', 'out'}
   for layer in ref:
-    np.testing.assert_array_equal(masks[layer]['kernel'], ref[layer])
+    np.testing.assert_array_equal(masks[layer], ref[layer])
   t = step - 10
   alphas = {'fc1': {'ste': 0.0, 'srste': 0.0, 'mdgf_exp': np.exp(-0.02 * t),
                     'mdgf_linear': 1 - 0.02 * t}[recipe],
@@ -211,7 +221,8 @@ def test_sparse_layers_keep_their_bias():
 def test_sparse_conv_groups_along_input_channels():
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(2, 6, 6, 8)), jnp.float32)
-  plan = sp.SparsityPlan((sp.LayerRule('p', 'conv', NM(2, 8), 'in'),))
+  plan = sp.SparsityPlan((sp.LayerRule('p', 'conv/kernel', NM(2, 8),
+                                       'in'),))
 
   class Patch(nn.Module):   # a top-level module has an empty path: nest it
     @nn.compact
@@ -224,12 +235,9 @@ def test_sparse_conv_groups_along_input_channels():
   params = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape),
                                               jnp.float32), params)
   assert params['kernel'].shape == (3, 3, 8, 4)
-  y, mutated = model.apply({'params': {'conv': params}}, x,
-                           mutable=[sp.MASK_COLLECTION])
+  y = model.apply({'params': {'conv': params}}, x)
   w = np.asarray(params['kernel'])
   m = sp.nm_mask_reference(w, NM(2, 8), 2)
-  np.testing.assert_array_equal(
-      mutated[sp.MASK_COLLECTION]['conv']['kernel'], m)
   want = jax.lax.conv_general_dilated(
       x, jnp.asarray(w * m), (1, 1), 'VALID',
       dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + params['bias']
@@ -247,7 +255,10 @@ def test_srste_refill():
                     dict(nm=NM(2, 8), recipe='ste'), dense_steps=5)
   plan, _, coll, _, masks, grads = _run(sched, 20, params, x, target)
   ref = _ref_masks(plan, params)
-  updates = _transform(grads, params, masks, coll)
+  updates = _transform(grads, params, sched, 20, plan)
+  # Without the static plan (chosen inside by lax.switch): the same.
+  _close(_transform(grads, params, sched, jnp.int32(20)), updates,
+         rtol=0, atol=0)
   g = _ref_grad_wrt_w_eff(_effective(params, ref, {'fc1': 0, 'out': 0}), x,
                           target)
   want = jax.tree.map(lambda v: v, g)
@@ -276,7 +287,7 @@ def test_mdgf_scaled_is_autodiff_of_the_forward():
   assert float(values['fc']['grad_scale']) == pytest.approx(alphas['fc1'])
   assert float(values['o']['grad_scale']) == pytest.approx(alphas['out'])
   ref = _ref_masks(plan, params)
-  updates = _transform(grads, params, masks, coll)
+  updates = _transform(grads, params, sched, step, plan)
   g = _ref_grad_wrt_w_eff(_effective(params, ref, alphas), x, target)
   for layer, m in ref.items():
     a = alphas[layer]
@@ -295,7 +306,7 @@ def test_mdgf_straight_through_leaves_gradient_unchanged():
                     dict(nm=NM(2, 8), recipe='mdgf_linear', decay=0.02))
   plan, values, coll, _, masks, grads = _run(sched, 20, params, x, target)
   assert float(values['fc']['grad_scale']) == 1.0
-  updates = _transform(grads, params, masks, coll)
+  updates = _transform(grads, params, sched, 20, plan)
   _close(updates, grads, rtol=0, atol=0)
   alphas = {'fc1': np.exp(-0.6), 'out': 0.6}
   _close(grads, _ref_grad_wrt_w_eff(
@@ -314,12 +325,11 @@ def test_dense_phase_is_exactly_dense():
   np.testing.assert_array_equal(y, Tiny(None).apply({'params': params}, x))
   dense_grads = _ref_grad_wrt_w_eff(params, x, target)
   _close(grads, dense_grads)
-  _close(_transform(grads, params, masks, coll), grads, rtol=0, atol=0)
-  # The train step passes the previous masks during the warm-up: with no
-  # schedule values the gradients still pass unchanged.
-  stale = {k: {'kernel': v} for k, v in _ref_masks(sched.plan(10),
-                                                   params).items()}
-  _close(_transform(grads, params, stale, coll), grads, rtol=0, atol=0)
+  _close(_transform(grads, params, sched, 9, plan), grads, rtol=0, atol=0)
+  # With the plan chosen inside from a traced step: unchanged too (lambda
+  # and the gradient scale are 1 / 0 outside the sparse phase).
+  _close(_transform(grads, params, sched, jnp.int32(9)), grads, rtol=0,
+         atol=0)
 
 
 def test_fine_tune_phase_is_hard_mask_ste():
@@ -339,7 +349,7 @@ def test_fine_tune_phase_is_hard_mask_ste():
   _close(y, _reference_forward(p_hard, x))
   g = _ref_grad_wrt_w_eff(p_hard, x, target)
   _close(grads, g)
-  _close(_transform(grads, params, masks, coll), grads, rtol=0, atol=0)
+  _close(_transform(grads, params, sched, 85, plan), grads, rtol=0, atol=0)
 
 
 # -- the optax chain under jit ------------------------------------------------
@@ -361,21 +371,18 @@ def test_optax_chain_under_jit():
   tail = lambda: optax.chain(optax.clip_by_global_norm(0.5),
                              optax.adamw(1e-2, weight_decay=0.1,
                                          mask=_decay_mask))
-  tx = optax.chain(sp.sparse_gradients(), tail())
-  paths = sp.kernel_layer_paths(params)
+  tx = optax.chain(_sparsifier(sched).gradient_transform(), tail())
 
   def step_fn(params, opt_state, step, plan):
-    coll = sp.layer_collection(sched.values(step), plan, paths)
+    coll = sp.layer_collection(sched.values(step), plan, KERNELS)
 
     def loss_fn(p):
-      y, mutated = Tiny(plan).apply(
-          {'params': p, sp.SCHEDULE_COLLECTION: coll}, x,
-          mutable=[sp.MASK_COLLECTION])
-      return _loss(y, target), mutated[sp.MASK_COLLECTION]
+      return _loss(Tiny(plan).apply(
+          {'params': p, sp.SCHEDULE_COLLECTION: coll}, x), target)
 
-    grads, masks = jax.grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params, masks=masks,
-                                   sparsity=coll)
+    grads = jax.grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params, step=step,
+                                   plan=plan)
     return optax.apply_updates(params, updates), opt_state, grads
 
   jitted = jax.jit(step_fn, static_argnames='plan')
@@ -415,23 +422,21 @@ def test_one_compilation_per_distinct_plan(kind):
   else:
     group = dict(nm=NM(1, 16), recipe='ste', sdgf='stepwise')
     sched = _schedule(group, group, total_steps=44, dense_steps=4)
-  paths = sp.kernel_layer_paths(params)
-  tx = optax.chain(sp.sparse_gradients(), optax.sgd(1e-2))
+  tx = optax.chain(_sparsifier(sched).gradient_transform(),
+                   optax.sgd(1e-2))
   traces = collections.Counter()
 
   def step_fn(params, opt_state, step, plan):
     traces[plan] += 1          # Python side effect: runs once per trace
-    coll = sp.layer_collection(sched.values(step), plan, paths)
+    coll = sp.layer_collection(sched.values(step), plan, KERNELS)
 
     def loss_fn(p):
-      y, mutated = Tiny(plan).apply(
-          {'params': p, sp.SCHEDULE_COLLECTION: coll}, x,
-          mutable=[sp.MASK_COLLECTION])
-      return _loss(y, target), mutated.get(sp.MASK_COLLECTION, {})
+      return _loss(Tiny(plan).apply(
+          {'params': p, sp.SCHEDULE_COLLECTION: coll}, x), target)
 
-    grads, masks = jax.grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params, masks=masks,
-                                   sparsity=coll)
+    grads = jax.grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params, step=step,
+                                   plan=plan)
     return optax.apply_updates(params, updates), opt_state
 
   jitted = jax.jit(step_fn, static_argnames='plan')

@@ -1,4 +1,5 @@
-"""Tests of pgf.sparsity.schedules against method.md sections 2-3."""
+"""Tests of pgf.sparsity.schedules and recipes against docs/recipes.md
+sections 2-3."""
 
 import math
 import re
@@ -36,7 +37,7 @@ def _alpha_curve(schedule, steps, group='ff', train=True):
 # -- MdGf alpha ---------------------------------------------------------------
 
 
-def test_mdgf_exp_matches_method_md():
+def test_mdgf_exp_matches_the_released_coefficients():
   sched = SparsitySchedule((_group(nm='1:32', recipe='mdgf_exp', decay=1e-4),),
                            total_steps=100_000)
   alpha = _alpha_curve(sched, [0, 10_000, 30_000, 50_000])['alpha']
@@ -155,7 +156,7 @@ def test_geometric_frames(nm, want):
 def test_stepwise_needs_power_of_two(nm):
   pat = NM.parse(nm)
   with pytest.raises(ValueError, match=re.escape(
-      f'sparsity.ff.sdgf=stepwise needs M/N to be a power of two >= 2; got '
+      f'sparsity.ff: stepwise SdGf needs M/N to be a power of two >= 2; got '
       f'{nm} (M/N={pat.m / pat.n:g})')):
     _group(nm=nm, sdgf='stepwise')
 
@@ -266,8 +267,8 @@ def test_sdgf_with_mdgf_and_srste():
   assert (q['alpha'][:20] == 1).all() and (q['alpha'][20:] == 0).all()
   plan = sched.plan(45)
   assert plan.describe() == 'ff=4:8, q=4:32'
-  assert plan.lookup('block_0/mlp/wi') == LayerRule('ff', 'mlp', NM(4, 8),
-                                                    'in')
+  assert plan.lookup('block_0/mlp/wi/kernel') == LayerRule(
+      'ff', 'mlp', NM(4, 8), 'in')
   assert plan.lookup('block_0/attn/query').nm == NM(4, 32)
   assert plan.lookup('block_0/attn/key') is None
 
@@ -362,15 +363,16 @@ def test_plan_lookup_first_rule_wins_and_layer_collection():
   assert plan.lookup('enc/attn/key').group == 'qkv'
   assert plan.lookup('head').axis == 'out'
   values = sched.values(0)
-  paths = ('enc/mlp/wi', 'enc/attn/key', 'head')
+  paths = ('enc/mlp/wi', 'enc/attn/key/kernel', 'head/kernel')
   coll = layer_collection(values, plan, paths)
+  # alpha sits at the module of each kernel (the path without 'kernel').
   assert set(coll) == {'enc', 'head'}
-  assert coll['enc']['mlp']['wi'] == values['ff']
-  assert coll['enc']['attn']['key'] == values['qkv']
-  assert coll['head'] == values['all']
+  assert coll['enc']['mlp'] == {'alpha': values['ff']['alpha']}
+  assert coll['enc']['attn']['key'] == {'alpha': values['qkv']['alpha']}
+  assert coll['head'] == {'alpha': values['all']['alpha']}
   only_ff = SparsityPlan((plan.rules[0],))
   coll = layer_collection(values, only_ff, paths)
-  assert coll == {'enc': {'mlp': {'wi': values['ff']}}}
+  assert coll == {'enc': {'mlp': {'alpha': values['ff']['alpha']}}}
   assert layer_collection(values, SparsityPlan(), paths) == {}
 
 
@@ -408,3 +410,69 @@ def test_schedule_validation(total, dense, ft, match):
 def test_duplicate_group_names():
   with pytest.raises(ValueError, match=r"duplicate names: \['ff', 'ff'\]"):
     SparsitySchedule((_group(), _group()), total_steps=10)
+
+
+# -- the recipe registry ------------------------------------------------------
+
+
+def test_every_recipe_has_one_definition_used_everywhere():
+  from pgf.configs import common
+  from pgf.sparsity import recipes
+  # The config argument and --config.sparsity.ff.recipe take the same names.
+  for name in recipes.RECIPES:
+    recipe, n, m, _ = common.parse_arg(f'{name},1:8', recipe='dense',
+                                       nm='2:4')
+    assert (recipe, n, m) == (name, 1, 8)
+    GroupSpec('ff', layers='mlp', nm=NM(1, 8), recipe=name)  # Accepted.
+
+
+@pytest.mark.parametrize('name', ['ste', 'srste', 'mdgf_linear', 'mdgf_exp',
+                                  'sdgf_stepwise', 'sdgf_geometric'])
+def test_host_and_traced_alpha_agree(name):
+  # One formula serves the jitted step (jnp) and FLOPs accounting (host).
+  g = _group(recipe=name, decay=3e-3)
+  sched = SparsitySchedule((g,), total_steps=2000, dense_steps=100,
+                           fine_tune_steps=100)
+  steps = np.array([0, 99, 100, 101, 500, 1899, 1900, 1999])
+  traced = _alpha_curve(sched, steps)['alpha']
+  host = [sched.alpha_host(int(t), g) for t in steps]
+  np.testing.assert_allclose(traced, host, rtol=1e-6, atol=1e-7)
+
+
+def test_steps_until_threshold():
+  from pgf.sparsity import recipes
+  exp = recipes.RECIPES['mdgf_exp']
+  # exp(-1e-4 t) <= 0.01  <=>  t >= ln(100) / 1e-4 = 46051.7.
+  assert exp.steps_until(0.01, 1e-4) == 46052
+  lin = recipes.RECIPES['mdgf_linear']
+  # max(1 - 2e-3 t, 0) <= 0.5  <=>  t >= 250.
+  assert lin.steps_until(0.5, 2e-3) == 250
+  assert recipes.RECIPES['ste'].steps_until(0.01, 1e-4) == 0
+  assert exp.steps_until(0.01, 0.0) is None  # alpha stays 1.
+
+
+def test_sdgf_recipes_are_ste_with_their_frame_map():
+  for mode in ('stepwise', 'geometric'):
+    a = _group(nm='1:8', recipe=f'sdgf_{mode}')
+    b = _group(nm='1:8', recipe='ste', sdgf=mode)
+    assert sdgf_frames(a) == sdgf_frames(b) and a.frames_mode == mode
+    sa = SparsitySchedule((a,), total_steps=40)
+    sb = SparsitySchedule((b,), total_steps=40)
+    assert sa.distinct_plans() == sb.distinct_plans()
+    assert jax.tree.map(float, sa.values(7)) == jax.tree.map(
+        float, sb.values(7))
+  # MdGf combines with an SdGf frame map (the authors' combination).
+  c = _group(nm='1:8', recipe='mdgf_exp', sdgf='stepwise')
+  assert [str(f) for f in sdgf_frames(c)] == ['7:8', '4:8', '2:8', '1:8']
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(recipe='sdgf_stepwise', sdgf='geometric'),
+     r"recipe='sdgf_stepwise' implies sdgf='stepwise', but "
+     r"sparsity.ff.sdgf='geometric'"),
+    (dict(recipe='srste', mdgf_grad='scaled'),
+     r"sparsity.ff.mdgf_grad='scaled'.*only decaying recipes.*mdgf_exp"),
+])
+def test_contradictory_recipe_settings(kw, match):
+  with pytest.raises(ValueError, match=match):
+    _group(**kw)

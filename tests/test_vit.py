@@ -9,8 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import base
 from pgf import sparsity as sp
+from pgf.configs import base
 from pgf.models import vit
 
 CLASSES = 5
@@ -114,16 +114,16 @@ def test_logical_axes_and_group_axes():
   model = _model()
   boxed = jax.eval_shape(lambda: model.init(
       jax.random.key(0), _images(), train=False))['params']
-  infos = sp.kernel_infos(boxed)
+  sites = sp.kernel_sites(boxed)
   blk = 'Transformer/encoderblock_1'
-  assert infos[f'{blk}/attn/query'].names == ('embed', 'heads', 'kv')
-  assert infos[f'{blk}/attn/query'].shape == (32, 2, 16)
-  assert infos[f'{blk}/attn/out'].names == ('heads', 'kv', 'embed')
-  assert infos[f'{blk}/attn/out'].in_axes == (0, 1)
-  assert infos[f'{blk}/mlp/wi'].names == ('embed', 'mlp')
-  assert infos[f'{blk}/mlp/wo'].names == ('mlp', 'embed')
-  assert infos['embedding'].names == (None, None, 'channels', 'embed')
-  assert 'head' not in infos  # The head is a plain Dense.
+  assert sites[f'{blk}/attn/query/kernel'].names == ('embed', 'heads', 'kv')
+  assert sites[f'{blk}/attn/query/kernel'].shape == (32, 2, 16)
+  assert sites[f'{blk}/attn/out/kernel'].names == ('heads', 'kv', 'embed')
+  assert sites[f'{blk}/attn/out/kernel'].in_axes == (0, 1)
+  assert sites[f'{blk}/mlp/wi/kernel'].names == ('embed', 'mlp')
+  assert sites[f'{blk}/mlp/wo/kernel'].names == ('mlp', 'embed')
+  assert sites['embedding/kernel'].names == (None, None, 'channels', 'embed')
+  assert 'head/kernel' not in sites  # The head is a plain Dense.
   flat = _flat(boxed)
   assert flat['pos_embedding'].value.shape == (1, 17, 32)
   assert flat['cls'].value.shape == (1, 1, 32)
@@ -198,16 +198,17 @@ def test_sparsity_layers_match_exactly_the_intended_layers():
     model = _model(variant)
     abstract = jax.eval_shape(lambda m=model, s=size: m.init(
         jax.random.key(0), jnp.zeros((1, s, s, 3)), train=False))
-    paths = sp.kernel_layer_paths(flax.linen.unbox(abstract['params']))
+    paths = _kernel_paths(abstract['params'])
     depth = vit.decode_variant(variant)['depth']
     assert set(vit.SPARSITY_LAYERS) == set(ROLE_LAYERS)
     for role, regex in vit.SPARSITY_LAYERS.items():
       matched = {p for p in paths if re.search(regex, p)}
-      assert matched == set(_expected_kernels(role, depth)), role
+      assert matched == {f'{k}/kernel' for k in _expected_kernels(
+          role, depth)}, role
       assert len(matched) == (2 * depth if role == 'ff' else depth)
     # The embedding and the head are never selected.
-    assert not any(re.search(r, 'embedding') or re.search(r, 'head')
-                   for r in vit.SPARSITY_LAYERS.values())
+    assert not any(re.search(r, 'embedding/kernel') or re.search(
+        r, 'head/kernel') for r in vit.SPARSITY_LAYERS.values())
 
 
 @pytest.mark.parametrize('role', ['ff', 'o', 'q', 'k', 'v'])
@@ -215,16 +216,13 @@ def test_masks_reach_the_layers(mu, role):
   model, params, images = mu
   nm = sp.NM(1, 4)
   sparse = _model(sparsity=_plan(role, nm=nm))
-  logits, mutated = sparse.apply({'params': params}, images, train=False,
-                                 mutable=[sp.MASK_COLLECTION])
+  # Without schedule values the layers use the hard mask.
+  logits = sparse.apply({'params': params}, images, train=False)
   expected = _expected_kernels(role, depth=2)
   flat = _flat(params)
-  masks = _flat(mutated[sp.MASK_COLLECTION])
-  assert set(masks) == {f'{p}/kernel' for p in expected}
   for path, axes in expected.items():
     w = flat[f'{path}/kernel']
     mask = sp.nm_mask(w, nm, axes)
-    np.testing.assert_array_equal(masks[f'{path}/kernel'], mask)
     np.testing.assert_array_equal(
         mask, sp.nm_mask_reference(np.asarray(w), nm, axes))
     assert float(np.mean(mask)) == 0.25
@@ -235,9 +233,14 @@ def test_masks_reach_the_layers(mu, role):
                                              train=False), atol=1e-3)
 
 
+def _kernel_paths(params):
+  return tuple(k for k in _flat(flax.linen.unbox(params))
+               if k.endswith('/kernel'))
+
+
 def _alpha_collection(plan, params, alpha):
   values = {r.group: dict(alpha=jnp.float32(alpha)) for r in plan.rules}
-  return sp.layer_collection(values, plan, sp.kernel_layer_paths(params))
+  return sp.layer_collection(values, plan, _kernel_paths(params))
 
 
 def test_alpha_reaches_the_layers(mu):
@@ -270,26 +273,22 @@ def test_remat_keeps_sparsity_exact(mu):
     model = _model(sparsity=plan, remat=remat, dropout=0.1, drop_path=0.1)
 
     def loss(p):
-      logits, mutated = model.apply(
+      logits = model.apply(
           {'params': p, **variables_extra}, images, train=True,
-          rngs={'dropout': jax.random.key(7)}, mutable=[sp.MASK_COLLECTION])
+          rngs={'dropout': jax.random.key(7)})
       return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1)), (
-          logits, mutated[sp.MASK_COLLECTION])
+          logits)
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
     # Remat really is on (or off): the blocks are checkpointed.
     assert ('remat' in str(jax.make_jaxpr(grad_fn)(params))) == remat
-    (value, (logits, masks)), grads = jax.jit(grad_fn)(params)
-    return value, logits, masks, grads
+    (value, logits), grads = jax.jit(grad_fn)(params)
+    return value, logits, grads
 
-  v0, logits0, masks0, grads0 = run(False)
-  v1, logits1, masks1, grads1 = run(True)
+  v0, logits0, grads0 = run(False)
+  v1, logits1, grads1 = run(True)
   np.testing.assert_allclose(v1, v0, rtol=1e-6)
   np.testing.assert_allclose(logits1, logits0, rtol=1e-5, atol=1e-6)
-  flat0, flat1 = _flat(masks0), _flat(masks1)
-  assert set(flat0) == set(flat1) and len(flat0) == 3 * 2
-  for k in flat0:
-    np.testing.assert_array_equal(flat1[k], flat0[k])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-5, atol=1e-6), grads1, grads0)
   # The masks act under remat: a dense model differs.

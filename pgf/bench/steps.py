@@ -28,8 +28,8 @@ import jax
 from ml_collections import config_flags
 import optax
 
-from pgf import data as data_lib
 from pgf import sharding
+from pgf import step as step_lib
 from pgf import train as train_lib
 
 FLAGS = flags.FLAGS
@@ -76,16 +76,16 @@ def bench_rows(config, *, role, patterns, recipes, sdgf_target, steps,
 
   def run_setup(c):
     nonlocal batch_local
-    s = train_lib.setup(c)
+    s = step_lib.setup(c)
     if batch_local is None:
-      it = data_lib.make_train_iterator(
+      it = s.task.pipeline.make_train_iterator(
           c, global_batch_size=c.batch_size,
           process_index=jax.process_index(),
           process_count=jax.process_count())
       batch_local = next(it)
     batch = sharding.global_batch(batch_local,
                                   sharding.batch_sharding(s.mesh))
-    state = train_lib.init_state(s, jax.random.key(0))
+    state = step_lib.init_state(s, jax.random.key(0))
     return s, state, batch
 
   def add(name, pattern, fn, state, batch):
@@ -98,7 +98,7 @@ def bench_rows(config, *, role, patterns, recipes, sdgf_target, steps,
     logging.info('compiled %s %s', name, pattern)
 
   s, state, batch = run_setup(_config_for(config, role, 'dense', 'none', 1, 1))
-  step = train_lib.make_train_step(s)
+  step = step_lib.make_train_step(s)
   plan = s.schedule.plan(0)
   add('dense', '-', lambda st, b: step(st, b, plan), state, batch)
   _, state2, _ = run_setup(_config_for(config, role, 'dense', 'none', 1, 1))
@@ -107,13 +107,13 @@ def bench_rows(config, *, role, patterns, recipes, sdgf_target, steps,
   def sparse_rows(name, recipe, sdgf, n, m, all_frames):
     c = _config_for(config, role, recipe, sdgf, n, m)
     s, state, batch = run_setup(c)
-    step = train_lib.make_train_step(s)
+    step = step_lib.make_train_step(s)
     plans = s.schedule.distinct_plans() if all_frames else (
         s.schedule.plan(s.schedule.sparse_start),)
     for i, plan in enumerate(plans):
       if plan:
         # Every row owns its state: the step donates it.
-        own = state if i == 0 else train_lib.init_state(s, jax.random.key(0))
+        own = state if i == 0 else step_lib.init_state(s, jax.random.key(0))
         add(name, plan.describe(), lambda st, b, p=plan: step(st, b, p),
             own, batch)
 
@@ -162,7 +162,7 @@ def _plain_step(s):
       return s.task.loss(logits, batch)[0]
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, step=0)
     return (optax.apply_updates(params, updates), opt_state), loss
 
   jitted = jax.jit(step, donate_argnums=0)

@@ -1,17 +1,21 @@
 """Input pipelines: TFDS datasets (array_record) read by grain.
 
-Two pipelines with the same four functions: `pgf.data.images` for the vision
-models and `pgf.data.text` for T5. The functions here forward to the one that
-`config.model.name` selects; `pgf.data.text` is imported only for T5.
+Each task names its pipeline module (`pgf.tasks.<task>.TASK.pipeline`):
+`pgf.data.images` for classification, `pgf.data.text` for T5 span
+corruption. Every pipeline module has the same functions:
 
   check_available(config)      fails fast, naming the dataset and how to
                                prepare it (pgf's own datasets are prepared
                                on the spot);
   dataset_info(config)         -> DataInfo, before any data is read;
+  published_info(config, num_train, num_eval, num_classes)
+                               -> DataInfo from published sizes (dry runs);
   make_train_iterator(config, *, global_batch_size, process_index,
                       process_count)
-                               infinite, sharded per process, with
-                               get_state()/set_state() for checkpoints;
+                               infinite, with get_state()/set_state() (JSON-
+                               able dicts) for checkpoints; the global batch
+                               of every step is the same for any number of
+                               processes (pgf.data.order);
   make_eval_iterable(config, *, global_batch_size, process_index,
                      process_count)
                                one pass over the eval split, padded, with a
@@ -21,9 +25,6 @@ models and `pgf.data.text` for T5. The functions here forward to the one that
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from types import ModuleType
-from typing import Any, Iterable
 
 import numpy as np
 
@@ -59,37 +60,12 @@ PUBLISHED = {
 }
 
 
-def published_info(config) -> DataInfo | None:
-  """DataInfo from published sizes, without the data (None if unknown)."""
-  name = config.data.name.split(':')[0]
-  if name not in PUBLISHED:
-    return None
-  return _module(config).published_info(config, *PUBLISHED[name])
+def published_counts(name: str) -> tuple[int, int, int] | None:
+  """(train, eval, classes) of a dataset from published sizes, or None."""
+  return PUBLISHED.get(name.split(':')[0])
 
 
-def _module(config) -> ModuleType:
-  name = 'pgf.data.text' if config.model.name == 't5' else 'pgf.data.images'
-  return importlib.import_module(name)
-
-
-def check_available(config) -> None:
-  """Raises DatasetNotPreparedError (a ValueError) when data is missing."""
-  _module(config).check_available(config)
-
-
-def dataset_info(config) -> DataInfo:
-  return _module(config).dataset_info(config)
-
-
-def make_train_iterator(config, *, global_batch_size: int, process_index: int,
-                        process_count: int) -> Any:
-  return _module(config).make_train_iterator(
-      config, global_batch_size=global_batch_size,
-      process_index=process_index, process_count=process_count)
-
-
-def make_eval_iterable(config, *, global_batch_size: int, process_index: int,
-                       process_count: int) -> Iterable[dict[str, np.ndarray]]:
-  return _module(config).make_eval_iterable(
-      config, global_batch_size=global_batch_size,
-      process_index=process_index, process_count=process_count)
+def data_seed(config) -> int:
+  """The seed of the data order: data.shuffle_seed, or config.seed if -1."""
+  return config.data.shuffle_seed if config.data.shuffle_seed >= 0 else (
+      config.seed)

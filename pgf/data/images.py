@@ -4,14 +4,18 @@ Reads `tfds.data_source(data.name)` (no TensorFlow needed: TFDS decodes
 Tensor features itself and JPEG/PNG Image features with PIL, or OpenCV when
 installed) and preprocesses with PIL and NumPy.
 
-Train: an infinite grain DataLoader. Each process reads its own contiguous
-shard of the split (grain's IndexSampler: shard sizes floor(n / processes),
-the remainder is dropped), reshuffled every epoch from `data.shuffle_seed`;
-batches of global_batch_size // process_count. Per-example randomness comes
-from the rng grain derives from (seed, position in the stream), so
-`get_state()` / `set_state()` resume bit-exactly. Output:
+Train: an infinite iterator in the order of `pgf.data.order` (each epoch a
+fresh shuffle drawn from the data seed; the global batch of every step is
+the same whatever the number of processes; process p reads its slice).
+Per-example randomness (crops, flips, RandAugment) is drawn from (seed,
+stream position), so `get_state()` / `set_state()` resume bit-exactly and the
+augmentation does not depend on the process count either. Output:
   'image' float32 [b, S, S, C] normalised, 'label' float32 [b, classes]
-  (one-hot, mixed when data.mixup_alpha > 0).
+  (one-hot; mixup, when on, is applied on the device by the task).
+With data.in_memory the split is read and preprocessed once into host
+arrays (preprocess 'simple', no RandAugment: deterministic preprocessing)
+and batches are gathered from them: the same batches as the grain path,
+without its per-image cost.
 
 Eval: one pass over the eval split. Global batch j holds examples
 j*G .. j*G+G-1 and process p takes its slice [p*b, (p+1)*b), so every
@@ -46,6 +50,8 @@ import tensorflow_datasets as tfds
 from pgf.data import DataInfo
 from pgf.data import DatasetNotPreparedError
 from pgf.data import builders
+from pgf.data import data_seed
+from pgf.data import order as order_lib
 
 SIMPLE_MEAN, SIMPLE_STD = (0.5,), (0.5,)
 # timm's vit_base_patch16_224 data config, which the authors' released ViT-B
@@ -312,34 +318,36 @@ def preprocess_eval(image: np.ndarray, *, preprocess: str,
 # ---- grain transforms -------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class _TrainExample(grain.RandomMapTransform):
+class _TrainExample(grain.MapTransform):
+  """Local stream index -> processed example of that global position."""
+  source: Sequence[dict[str, np.ndarray]]  # A TFDS data source.
+  order: order_lib.ExampleOrder
+  local_batch: int
+  process_index: int
+  process_count: int
   preprocess: str
   image_size: int
   randaugment_n: int
   randaugment_m: float
   num_classes: int
 
-  def random_map(self, example, rng: np.random.Generator):
+  def map(self, index):
+    k = int(order_lib.global_positions(
+        index, local_batch=self.local_batch, process_index=self.process_index,
+        process_count=self.process_count))
+    example = self.source[int(self.order(k))]
     image = preprocess_train(
-        example['image'], rng, preprocess=self.preprocess,
-        image_size=self.image_size, randaugment_n=self.randaugment_n,
-        randaugment_m=self.randaugment_m)
-    label = np.zeros(self.num_classes, np.float32)
-    label[example['label']] = 1
-    return {'image': image, 'label': label}
+        example['image'], order_lib.example_rng(self.order.seed, k),
+        preprocess=self.preprocess, image_size=self.image_size,
+        randaugment_n=self.randaugment_n, randaugment_m=self.randaugment_m)
+    return {'image': image, 'label': _one_hot(example['label'],
+                                              self.num_classes)}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Mixup(grain.RandomMapTransform):
-  """timm's batch-mode mixup: x <- lam x + (1 - lam) flip(x), same for the
-  labels, one lam ~ Beta(alpha, alpha) per batch. The rng is the batch's
-  (derived from the seed and the stream position of its last example), so
-  resumption reproduces lam."""
-  alpha: float
-
-  def random_map(self, batch, rng: np.random.Generator):
-    lam = np.float32(rng.beta(self.alpha, self.alpha))
-    return {k: lam * v + (1 - lam) * v[::-1] for k, v in batch.items()}
+def _one_hot(label, num_classes: int) -> np.ndarray:
+  out = np.zeros(num_classes, np.float32)
+  out[int(label)] = 1
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,45 +371,39 @@ class _EvalExample:
             'mask': np.float32(1)}
 
 
-def _local_batch_size(global_batch_size: int, process_count: int) -> int:
-  if global_batch_size % process_count:
-    raise ValueError(f'Global batch {global_batch_size} is not divisible by '
-                     f'the {process_count} processes.')
-  return global_batch_size // process_count
-
-
 def _source(config, split: str):
   return tfds.data_source(config.data.name, split=split,
                           data_dir=builders.config_data_dir(config),
                           download=False)
 
 
+# Local stream indices of the train iterator: effectively infinite.
+_STREAM_LENGTH = 2**62
+
+
 def make_train_iterator(config, *, global_batch_size: int, process_index: int,
-                        process_count: int) -> grain.DataLoaderIterator:
+                        process_count: int):
   """Infinite iterator of this process's batches (see module docstring);
-  save `get_state()` to resume exactly with `set_state()`."""
+  save `get_state()` (a JSON-able dict) to resume exactly with
+  `set_state()`."""
   info = dataset_info(config)
   d = config.data
-  local = _local_batch_size(global_batch_size, process_count)
+  local = order_lib.local_batch_size(global_batch_size, process_count)
   source = _source(config, d.train_split)
-  shard = grain.ShardOptions(shard_index=process_index,
-                             shard_count=process_count, drop_remainder=True)
-  operations = [
-      _TrainExample(d.preprocess, d.image_size, d.randaugment_n,
-                    d.randaugment_m, info.num_classes),
-      grain.Batch(local, drop_remainder=True),
-  ]
-  if d.mixup_alpha > 0:
-    operations.append(_Mixup(d.mixup_alpha))
-  loader = grain.DataLoader(
-      data_source=source,
-      sampler=grain.IndexSampler(len(source), shard_options=shard,
-                                 shuffle=True, num_epochs=None,
-                                 seed=d.shuffle_seed),
-      operations=operations,
-      worker_count=d.num_workers,
-      shard_options=shard)
-  return iter(loader)
+  order = order_lib.ExampleOrder(len(source), data_seed(config))
+  if d.in_memory:
+    return InMemoryIterator(
+        _preprocessed_split(config, source, train=True)[0],
+        np.eye(info.num_classes, dtype=np.float32)[
+            _labels(source)], order, local_batch=local,
+        process_index=process_index, process_count=process_count)
+  ds = grain.MapDataset.range(_STREAM_LENGTH).map(_TrainExample(
+      source, order, local, process_index, process_count, d.preprocess,
+      d.image_size, d.randaugment_n, d.randaugment_m, info.num_classes))
+  ds = ds.batch(local, drop_remainder=True).to_iter_dataset()
+  if d.num_workers:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+  return iter(ds)
 
 
 def make_eval_iterable(config, *, global_batch_size: int, process_index: int,
@@ -410,15 +412,109 @@ def make_eval_iterable(config, *, global_batch_size: int, process_index: int,
   docstring); ceil(n / global_batch_size) batches on every process."""
   info = dataset_info(config)
   d = config.data
-  local = _local_batch_size(global_batch_size, process_count)
+  local = order_lib.local_batch_size(global_batch_size, process_count)
   source = _source(config, d.eval_split)
   num_batches = -(-len(source) // global_batch_size)
   positions = (np.arange(num_batches)[:, None] * global_batch_size
-               + process_index * local + np.arange(local)).ravel().tolist()
+               + process_index * local + np.arange(local)).ravel()
+  if d.in_memory:
+    images, labels = _preprocessed_split(config, source, train=False)
+    return _InMemoryEval(images, labels, positions, local)
   channels = info.eval_spec['image'][0][-1]
-  ds = grain.MapDataset.source(positions).map(
+  ds = grain.MapDataset.source(positions.tolist()).map(
       _EvalExample(source, d.preprocess, d.image_size, channels))
   ds = ds.batch(local).to_iter_dataset()
   if d.num_workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
   return ds
+
+
+# ---- In memory --------------------------------------------------------------
+
+def _labels(source) -> np.ndarray:
+  return np.asarray([int(source[i]['label']) for i in range(len(source))],
+                    np.int64)
+
+
+_SPLIT_CACHE: dict = {}
+
+
+def _preprocessed_split(config, source, *, train: bool
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """(images float32 [n, S, S, C], labels int64 [n]) of a whole split,
+  preprocessed once with the deterministic 'simple' preprocessing (cached
+  per process: evaluations reuse it)."""
+  d = config.data
+  key = (d.name, builders.config_data_dir(config), d.train_split if train
+         else d.eval_split, d.image_size, train)
+  if key not in _SPLIT_CACHE:
+    prep = (lambda im: preprocess_train(
+        im, None, preprocess='simple', image_size=d.image_size,
+        randaugment_n=0, randaugment_m=0)) if train else (
+            lambda im: preprocess_eval(im, preprocess='simple',
+                                       image_size=d.image_size))
+    n = len(source)
+    first = prep(source[0]['image'])
+    images = np.empty((n,) + first.shape, np.float32)
+    labels = np.empty(n, np.int64)
+    for i in range(n):
+      example = source[i]
+      images[i] = prep(example['image'])
+      labels[i] = int(example['label'])
+    if len(_SPLIT_CACHE) >= 4:
+      _SPLIT_CACHE.pop(next(iter(_SPLIT_CACHE)))
+    _SPLIT_CACHE[key] = (images, labels)
+  return _SPLIT_CACHE[key]
+
+
+class InMemoryIterator:
+  """Batches gathered from host arrays in the order of `pgf.data.order`.
+
+  The same batches as the grain pipeline's for deterministic preprocessing;
+  state {'batch': number of batches yielded}.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray,
+               order: order_lib.ExampleOrder, *, local_batch: int,
+               process_index: int, process_count: int):
+    self.images, self.labels, self.order = images, labels, order
+    self.local_batch = local_batch
+    self.process_index, self.process_count = process_index, process_count
+    self.batch = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    local = self.batch * self.local_batch + np.arange(self.local_batch)
+    idx = self.order(order_lib.global_positions(
+        local, local_batch=self.local_batch,
+        process_index=self.process_index, process_count=self.process_count))
+    self.batch += 1
+    return {'image': self.images[idx], 'label': self.labels[idx]}
+
+  def get_state(self) -> dict:
+    return {'batch': self.batch}
+
+  def set_state(self, state: dict) -> None:
+    self.batch = int(state['batch'])
+
+
+class _InMemoryEval:
+  """One pass over a preprocessed eval split; padding positions past the
+  end give zeros with mask 0."""
+
+  def __init__(self, images, labels, positions, local):
+    self.images, self.labels = images, labels
+    self.positions, self.local = positions, local
+
+  def __iter__(self):
+    n = len(self.labels)
+    for start in range(0, len(self.positions), self.local):
+      pos = self.positions[start:start + self.local]
+      real = pos < n
+      idx = np.where(real, pos, 0)
+      yield {'image': np.where(real[:, None, None, None], self.images[idx],
+                               0).astype(np.float32),
+             'label': np.where(real, self.labels[idx], 0).astype(np.int32),
+             'mask': real.astype(np.float32)}

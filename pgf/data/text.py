@@ -29,11 +29,13 @@ Rows are padded with 0, or with data.pack several examples share a row
 and when packed 'encoder_segment_ids', 'decoder_segment_ids' (1, 2, ... per
 example, 0 on padding), 'encoder_positions', 'decoder_positions' int32.
 
-Train: an infinite grain dataset iterator. Each process reads every
-process_count-th document from process_index, reshuffled each epoch from
-`data.shuffle_seed`, which also seeds the per-document and per-chunk
+Train: an infinite grain dataset iterator. Every process reads every
+document, reshuffled each epoch from the data seed (`data.shuffle_seed`, or
+`config.seed` when -1), which also seeds the per-document and per-chunk
 randomness (grain derives an rng from the seed and the position in the
-stream), so `get_state()` / `set_state()` resume bit-exactly.
+stream), builds the rows of each global batch and keeps its slice; so
+`get_state()` / `set_state()` resume bit-exactly and the global batch of a
+step does not depend on the number of processes.
 
 Eval: one deterministic pass over the eval split, in the main process. Every
 process computes all the split's rows (streamed, not held in memory), so the
@@ -61,7 +63,9 @@ import tensorflow_datasets as tfds
 from pgf.data import DataInfo
 from pgf.data import DatasetNotPreparedError
 from pgf.data import builders
+from pgf.data import data_seed
 from pgf.data import vocab as vocab_lib
+from pgf.data.order import local_batch_size
 
 MAX_DOCUMENT_TOKENS = 65536  # T5's select_random_chunk(max_length=65536).
 EVAL_SEED = 0  # Eval noise masks: the same for every run and config seed.
@@ -444,8 +448,8 @@ def pack_or_pad(ds: grain.IterDataset, n: Lengths, *, pack: bool,
   return ds.map(t5x_features)
 
 
-def _rows(config, split: str, *, seed: int, train: bool, process_index: int,
-          process_count: int, num_packing_bins: int) -> grain.IterDataset:
+def _rows(config, split: str, *, seed: int, train: bool,
+          num_packing_bins: int) -> grain.IterDataset:
   """Span-corrupted, padded or packed rows of `split` (see module doc)."""
   d = config.data
   vocab = vocab_lib.get_vocabulary(config)
@@ -454,7 +458,6 @@ def _rows(config, split: str, *, seed: int, train: bool, process_index: int,
                             data_dir=builders.config_data_dir(config),
                             download=False)
   ds = grain.MapDataset.source(source).seed(seed)
-  ds = ds[process_index::process_count]
   if train:
     ds = ds.shuffle().repeat(None)
   ds = ds.random_map(_Tokenize(vocab, d.text_key)).filter(_not_empty)
@@ -464,24 +467,20 @@ def _rows(config, split: str, *, seed: int, train: bool, process_index: int,
   return pack_or_pad(ds, n, pack=d.pack, num_packing_bins=num_packing_bins)
 
 
-def _local_batch_size(global_batch_size: int, process_count: int) -> int:
-  if global_batch_size % process_count:
-    raise ValueError(f'Global batch {global_batch_size} is not divisible by '
-                     f'the {process_count} processes.')
-  return global_batch_size // process_count
-
-
 def make_train_iterator(config, *, global_batch_size: int, process_index: int,
                         process_count: int) -> grain.DatasetIterator:
   """Infinite iterator of this process's batches of global_batch_size //
   process_count rows (see module docstring); save `get_state()` to resume
-  exactly with `set_state()`."""
+  exactly with `set_state()`. Every process computes the rows of the whole
+  global batch and keeps its slice, so the global batch of every step is the
+  same whatever the number of processes (at the price of every process
+  tokenizing every document)."""
   check_available(config)
-  local = _local_batch_size(global_batch_size, process_count)
-  ds = _rows(config, config.data.train_split, seed=config.data.shuffle_seed,
-             train=True, process_index=process_index,
-             process_count=process_count, num_packing_bins=local)
-  ds = ds.batch(local, drop_remainder=True)
+  local_batch_size(global_batch_size, process_count)
+  ds = _rows(config, config.data.train_split, seed=data_seed(config),
+             train=True, num_packing_bins=global_batch_size)
+  ds = ds.batch(global_batch_size, drop_remainder=True)
+  ds = ds.map(_ProcessSlice(global_batch_size, process_index, process_count))
   if config.data.num_workers:
     ds = ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=config.data.num_workers))
@@ -495,7 +494,7 @@ class _ProcessSlice(grain.MapTransform):
   def __init__(self, global_batch_size: int, process_index: int,
                process_count: int):
     self.size = global_batch_size
-    self.local = _local_batch_size(global_batch_size, process_count)
+    self.local = local_batch_size(global_batch_size, process_count)
     self.start = process_index * self.local
 
   def map(self, batch):
@@ -517,7 +516,6 @@ def make_eval_iterable(config, *, global_batch_size: int, process_index: int,
   so every process yields ceil(rows / global_batch_size) batches."""
   check_available(config)
   ds = _rows(config, config.data.eval_split, seed=EVAL_SEED, train=False,
-             process_index=0, process_count=1,
              num_packing_bins=global_batch_size)
   ds = ds.map(_with_mask).batch(global_batch_size)
   return ds.map(_ProcessSlice(global_batch_size, process_index,

@@ -14,8 +14,9 @@ Sparse-capable layers (pgf.sparsity): in every block Q, K, V ('attn/query',
 'attn/key', 'attn/value'), the attention output ('attn/out') and the MLP
 ('mlp/wi', 'mlp/wo'); also the patch embedding and the patch-merging
 reductions, which no default regex selects. The position-bias MLP and the head
-are plain Dense layers. Unlike the authors' code (method.md defect 5.4), Q/K/V
-take their alpha from the `sparsity` collection like every other layer.
+are plain Dense layers. Unlike the authors' code (docs/recipes.md section 5,
+defect 4), Q/K/V take their alpha from the `sparsity` collection like every
+other layer.
 
 Module paths: patch_embed, patch_norm, stage_{i}/merge/{reduction,norm}
 (i > 0), stage_{i}/block_{j}/{attn,norm1,mlp,norm2}, norm, head.
@@ -41,15 +42,17 @@ from pgf.sparsity import SparseDense
 from pgf.sparsity import SparseDenseGeneral
 from pgf.sparsity import SparsityPlan
 
-# Role -> regex searched in '/'-joined module paths (pgf.config_lib reads it
+# Role -> regex searched in '/'-joined parameter paths (pgf.config_lib reads it
 # when sparsity.<role>.layers is ''). Every block, nothing else: not the
 # position-bias MLP (attn/cpb_mlp_*), not patch merging, embedding or head.
+TASKS = ('classification',)  # The config.task values this model trains for.
+
 SPARSITY_LAYERS = {
-    'ff': r'block_\d+/mlp/(wi|wo)$',
-    'q': r'block_\d+/attn/query$',
-    'k': r'block_\d+/attn/key$',
-    'v': r'block_\d+/attn/value$',
-    'o': r'block_\d+/attn/out$',
+    'ff': r'block_\d+/mlp/(wi|wo)/kernel$',
+    'q': r'block_\d+/attn/query/kernel$',
+    'k': r'block_\d+/attn/key/kernel$',
+    'v': r'block_\d+/attn/value/kernel$',
+    'o': r'block_\d+/attn/out/kernel$',
 }
 
 # (embed_dim, depths, num_heads); timm swinv2_{tiny,small,base}_window8_256.

@@ -58,15 +58,19 @@ from pgf.models.common import compute_dtype
 from pgf.sparsity import SparseDenseGeneral
 from pgf.sparsity import SparsityPlan
 
-# Role -> regex searched in '/'-joined module paths, e.g.
-# 'encoder/layers_0/attention/query', 'decoder/layers_3/self_attention/out',
-# 'decoder/layers_3/encoder_decoder_attention/key', 'decoder/layers_3/mlp/wo'.
+# Role -> regex searched in '/'-joined parameter paths, e.g.
+# 'encoder/layers_0/attention/query/kernel',
+# 'decoder/layers_3/self_attention/out/kernel',
+# 'decoder/layers_3/encoder_decoder_attention/key/kernel',
+# 'decoder/layers_3/mlp/wo/kernel'.
+TASKS = ('span_corruption',)  # The config.task values this model trains for.
+
 SPARSITY_LAYERS = {
-    'ff': r'/mlp/(wi_0|wi_1|wo)$',
-    'q': r'attention/query$',
-    'k': r'attention/key$',
-    'v': r'attention/value$',
-    'o': r'attention/out$',
+    'ff': r'/mlp/(wi_0|wi_1|wo)/kernel$',
+    'q': r'attention/query/kernel$',
+    'k': r'attention/key/kernel$',
+    'v': r'attention/value/kernel$',
+    'o': r'attention/out/kernel$',
 }
 
 NUM_BUCKETS = 32
@@ -74,10 +78,12 @@ MAX_DISTANCE = 128
 _MASKED = -1e10  # Attention logit of masked pairs (as T5X).
 
 # T5 v1.1 sizes (T5X t5x/examples/t5/t5_1_1/{small,base,large}.gin); 'mu' is
-# a tiny model for CPU tests.
+# a tiny model for CPU tests, 'nano' the language study's model.
 VARIANTS = {
     'mu': dict(emb_dim=32, mlp_dim=64, num_encoder_layers=2,
                num_decoder_layers=2, num_heads=2, head_dim=16),
+    'nano': dict(emb_dim=64, mlp_dim=256, num_encoder_layers=2,
+                 num_decoder_layers=2, num_heads=4, head_dim=16),
     'small': dict(emb_dim=512, mlp_dim=1024, num_encoder_layers=8,
                   num_decoder_layers=8, num_heads=6, head_dim=64),
     'base': dict(emb_dim=768, mlp_dim=2048, num_encoder_layers=12,

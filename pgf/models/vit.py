@@ -58,22 +58,27 @@ from pgf.sparsity import SparseConv
 from pgf.sparsity import SparseDenseGeneral
 from pgf.sparsity import SparsityPlan
 
-# Role -> regex searched in '/'-joined module paths (pgf.config_lib reads it
+# Role -> regex searched in '/'-joined parameter paths (pgf.config_lib reads it
 # when sparsity.<role>.layers is ''). Paths look like
-# 'Transformer/encoderblock_3/mlp/wi' and 'Transformer/encoderblock_3/attn/out'
+# 'Transformer/encoderblock_3/mlp/wi/kernel' and
+# 'Transformer/encoderblock_3/attn/out/kernel'
 # (no other layer has 'mlp' or 'attn' as a parent).
+TASKS = ('classification',)  # The config.task values this model trains for.
+
 SPARSITY_LAYERS = {
-    'ff': r'/mlp/(wi|wo)$',
-    'q': r'/attn/query$',
-    'k': r'/attn/key$',
-    'v': r'/attn/value$',
-    'o': r'/attn/out$',
+    'ff': r'/mlp/(wi|wo)/kernel$',
+    'q': r'/attn/query/kernel$',
+    'k': r'/attn/key/kernel$',
+    'v': r'/attn/value/kernel$',
+    'o': r'/attn/out/kernel$',
 }
 
-# name -> (width, depth, mlp_dim, num_heads). timm/big_vision sizes; 'mu' and
-# 'tiny' are small models for CPU tests and the embedded default.
+# name -> (width, depth, mlp_dim, num_heads). timm/big_vision sizes; 'mu',
+# 'mini' and 'tiny' are small models for CPU tests, the embedded default and
+# the Fashion-MNIST study.
 VARIANTS = {
     'mu': dict(width=32, depth=2, mlp_dim=64, num_heads=2),
+    'mini': dict(width=64, depth=2, mlp_dim=256, num_heads=4),
     'tiny': dict(width=64, depth=4, mlp_dim=256, num_heads=4),
     'Ti': dict(width=192, depth=12, mlp_dim=768, num_heads=3),
     'S': dict(width=384, depth=12, mlp_dim=1536, num_heads=6),

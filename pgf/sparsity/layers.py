@@ -2,16 +2,12 @@
 
 Every sparse layer of every pgf model is one of these (one code path). A
 layer asks the static `SparsityPlan` (a module attribute, threaded down by the
-model) whether its module path is sparse and with which N:M; the traced
-schedule values (alpha) come from the `sparsity` variable collection that the
-train step fills from the step (`layer_collection`). Without a plan the layer
-is exactly a dense layer. Biases are kept (method.md section 4, defect 5.5).
-
-The forward pass uses w_eff = w * (m + (1 - m) * alpha); the dense kernel
-receives the gradient of w_eff unchanged (straight-through). Recipe-specific
-gradient changes (SR-STE refill, MdGf 'scaled') are optax transforms
-(`pgf.sparsity.transforms`), which read the masks this layer sows into the
-`sparse_masks` collection when it is mutable.
+model) whether its kernel's parameter path is sparse and with which N:M; the
+traced alpha of its group comes from the `sparsity` variable collection that
+the train step fills from the step (`layer_collection`). Without a plan the
+layer is exactly a dense layer. Biases are kept (the authors' code drops
+them). The kernel becomes `core.effective_kernel(...)`: the one place where
+the mask meets alpha, shared with the model-agnostic `Sparsifier`.
 """
 
 from __future__ import annotations
@@ -26,11 +22,10 @@ from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 
-from pgf.sparsity.masks import nm_mask
+from pgf.sparsity import core
 from pgf.sparsity.schedules import SparsityPlan
 
 Initializer = Any
-MASK_COLLECTION = 'sparse_masks'
 SCHEDULE_COLLECTION = 'sparsity'
 
 
@@ -38,16 +33,14 @@ class SparseKernel(nn.LogicallyPartitioned):
   """A kernel's logical partitioning plus its static group axes.
 
   `in_axes` are the contraction axes and `out_axes` the output axes of the
-  kernel: the two ways N:M groups can run (method.md section 1). Code outside
-  the layer (sharding checks, statistics, export) reads them from the boxed
-  parameters of `jax.eval_shape(model.init, ...)` without running the model.
+  kernel: the two ways N:M groups can run (docs/recipes.md section 1). Code
+  outside the layer (`Sparsifier`: placement and sharding checks, statistics,
+  export, the optax transforms) reads them from the boxed parameters of
+  `jax.eval_shape(model.init, ...)` without running the model.
   """
 
   in_axes: tuple[int, ...] = flax.struct.field(default=(), pytree_node=False)
   out_axes: tuple[int, ...] = flax.struct.field(default=(), pytree_node=False)
-
-  def group_axes(self, axis: str) -> tuple[int, ...]:
-    return self.in_axes if axis == 'in' else self.out_axes
 
 
 def _kernel_init(fn: Initializer, names: tuple, in_axes: tuple[int, ...],
@@ -58,47 +51,28 @@ def _kernel_init(fn: Initializer, names: tuple, in_axes: tuple[int, ...],
   return init
 
 
-@jax.custom_vjp
-def straight_through_scale(w: jax.Array, scale: jax.Array) -> jax.Array:
-  """w * scale in the forward pass; the gradient reaches `w` unchanged."""
-  return w * scale
-
-
-def _st_fwd(w, scale):
-  return w * scale, None
-
-
-def _st_bwd(_, g):
-  return g, None
-
-
-straight_through_scale.defvjp(_st_fwd, _st_bwd)
-
-
 class _SparseKernelMixin:
   """Shared by the layers: mask the kernel according to the plan."""
 
-  def _sparse_kernel(self, kernel: jax.Array, in_axes: tuple[int, ...],
+  def _sparse_kernel(self, kernel: jax.Array, names: tuple,
+                     in_axes: tuple[int, ...],
                      out_axes: tuple[int, ...]) -> jax.Array:
     if not self.sparsity:
       return kernel
-    path = '/'.join(self.scope.path)
+    path = '/'.join(self.scope.path) + '/kernel'
     rule = self.sparsity.lookup(path)
     if rule is None:
       return kernel
-    axes = in_axes if rule.axis == 'in' else out_axes
-    mask = nm_mask(kernel, rule.nm, axes, name=f'{path}/kernel')
-    self.sow(MASK_COLLECTION, 'kernel', mask,
-             init_fn=lambda: None, reduce_fn=lambda _, x: x)
+    axes = core.resolve_axes(rule.axis, rule.group_axes, shape=kernel.shape,
+                             names=names, in_axes=in_axes, out_axes=out_axes,
+                             path=path)
     # Without schedule values (e.g. a user applying params by hand) the
     # layer uses the hard mask, as evaluation and export do.
-    if self.has_variable(SCHEDULE_COLLECTION, 'alpha'):
-      alpha = self.get_variable(SCHEDULE_COLLECTION, 'alpha')
-    else:
-      alpha = jnp.zeros((), kernel.dtype)
-    scale = jnp.where(mask, jnp.ones((), kernel.dtype),
-                      jnp.asarray(alpha, kernel.dtype))
-    return straight_through_scale(kernel, scale)
+    alpha = (self.get_variable(SCHEDULE_COLLECTION, 'alpha')
+             if self.has_variable(SCHEDULE_COLLECTION, 'alpha') else None)
+    kernel, _ = core.effective_kernel(kernel, rule.nm, axes, alpha=alpha,
+                                      name=path)
+    return kernel
 
 
 class SparseDenseGeneral(_SparseKernelMixin, nn.Module):
@@ -152,7 +126,7 @@ class SparseDenseGeneral(_SparseKernelMixin, nn.Module):
     out_axes = tuple(range(n_in, len(kernel_shape)))
     kernel = self.param('kernel', _kernel_init(init, names, in_axes, out_axes),
                         kernel_shape, self.param_dtype)
-    kernel = self._sparse_kernel(kernel, in_axes, out_axes)
+    kernel = self._sparse_kernel(kernel, names, in_axes, out_axes)
     bias = None
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
@@ -201,7 +175,7 @@ class SparseConv(_SparseKernelMixin, nn.Module):
     kernel = self.param(
         'kernel', _kernel_init(self.kernel_init, names, (nd - 2,), (nd - 1,)),
         kernel_shape, self.param_dtype)
-    kernel = self._sparse_kernel(kernel, (nd - 2,), (nd - 1,))
+    kernel = self._sparse_kernel(kernel, names, (nd - 2,), (nd - 1,))
     bias = None
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(

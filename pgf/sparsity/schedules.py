@@ -1,7 +1,8 @@
 """Where the step clock turns into alpha, the N:M pattern and the phase.
 
 Everything here is a pure function of the integer training step
-(method.md sections 2-3):
+(docs/recipes.md sections 2-3); the recipes themselves (alpha(t), gradient
+rule, frames) are defined once in `recipes.py`:
 
 * `phase(step)`: 'dense' (warm-up, no mask), 'sparse' (the recipe) or
   'fine_tune' (hard binary mask, STE). Host-side, on Python ints.
@@ -17,40 +18,43 @@ defect 5.1, which subtracted 1 % of the dense phase).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import dataclasses
 import math
 import re
 
 import jax.numpy as jnp
 
+from pgf.sparsity import recipes as recipes_lib
 from pgf.sparsity.masks import NM
 
-RECIPES = ('dense', 'ste', 'srste', 'mdgf_linear', 'mdgf_exp')
-SDGF_MODES = ('none', 'stepwise', 'geometric', 'custom')
-MDGF_GRADS = ('straight_through', 'scaled')
 GROUP_AXES = ('in', 'out')
-PHASES = ('dense', 'sparse', 'fine_tune')
 
 
 @dataclasses.dataclass(frozen=True)
 class GroupSpec:
-  """Static sparsity settings of one group of layers (e.g. 'ff' or 'q').
+  """Static sparsity settings of one group of kernels (e.g. 'ff' or 'q').
 
   Attributes:
     name: group name, used in metrics ('sparsity/ff/alpha').
-    layers: regex searched in '/'-joined module paths to select the layers.
+    layers: regex searched in '/'-joined parameter paths to select kernels,
+      e.g. r'/mlp/(wi|wo)/kernel$'.
     nm: the target pattern (the pattern of the last frame).
-    recipe: one of RECIPES.
-    sdgf: one of SDGF_MODES.
+    recipe: a name in `pgf.sparsity.recipes.RECIPES`.
+    sdgf: an SdGf frame map added to the recipe ('none', 'stepwise',
+      'geometric', 'custom'); the sdgf_* recipes imply theirs.
     custom_frames: for sdgf='custom': ((start, NM), ...) with start in steps
       from the beginning of the sparse phase; the first start is 0 and the
       last pattern is `nm`.
     decay: MdGf coefficient c (alpha = exp(-c t) or max(1 - c t, 0)).
     mdgf_grad: 'straight_through' (the released code: pruned weights receive
-      the full gradient g) or 'scaled' (autodiff of the forward: alpha * g).
+      the full gradient g) or 'scaled' (autodiff of the forward: alpha * g);
+      decaying recipes only.
     srste_lambda: SR-STE refill coefficient (Zhou et al. 2021: 2e-4).
-    axis: 'in' groups along the contraction axes, 'out' along the output axes.
+    axis: 'in' groups along the contraction axes, 'out' along the output axes
+      (of a pgf layer's kernel, or axis 0 / 1 of any 2-D kernel).
+    group_axes: explicit group axes, as axis numbers or logical axis names
+      (e.g. ('embed',)); overrides `axis` (any model's kernels).
   """
 
   name: str
@@ -63,36 +67,65 @@ class GroupSpec:
   mdgf_grad: str = 'straight_through'
   srste_lambda: float = 2e-4
   axis: str = 'in'
+  group_axes: tuple[int | str, ...] | None = None
 
   def __post_init__(self):
-    def bad(key, value, allowed):
-      raise ValueError(f'sparsity.{self.name}.{key}={value!r} is not allowed; '
-                       f'choose one of {allowed}.')
-    if self.recipe not in RECIPES:
-      bad('recipe', self.recipe, RECIPES)
-    if self.sdgf not in SDGF_MODES:
-      bad('sdgf', self.sdgf, SDGF_MODES)
-    if self.mdgf_grad not in MDGF_GRADS:
-      bad('mdgf_grad', self.mdgf_grad, MDGF_GRADS)
+    key = f'sparsity.{self.name}'
+
+    def bad(field, value, allowed):
+      raise ValueError(f'{key}.{field}={value!r} is not allowed; choose one '
+                       f'of {tuple(allowed)}.')
+    if self.recipe not in recipes_lib.RECIPES:
+      bad('recipe', self.recipe, recipes_lib.RECIPES)
+    if self.sdgf not in recipes_lib.SDGF_MODES:
+      bad('sdgf', self.sdgf, recipes_lib.SDGF_MODES)
+    if self.mdgf_grad not in recipes_lib.MDGF_GRADS:
+      bad('mdgf_grad', self.mdgf_grad, recipes_lib.MDGF_GRADS)
     if self.axis not in GROUP_AXES:
       bad('axis', self.axis, GROUP_AXES)
-    if self.recipe == 'dense':
+    r = self.recipe_def
+    if not r.masked:
       return
+    if self.sdgf != 'none' and r.frames != 'none' and self.sdgf != r.frames:
+      raise ValueError(
+          f'{key}.recipe={self.recipe!r} implies sdgf={r.frames!r}, but '
+          f'{key}.sdgf={self.sdgf!r}; leave sdgf at \'none\' or pick another '
+          'recipe.')
+    if self.mdgf_grad == 'scaled' and not r.decays:
+      raise ValueError(
+          f"{key}.mdgf_grad='scaled' scales pruned gradients by alpha, which "
+          f'only decaying recipes have '
+          f'({[n for n, x in recipes_lib.RECIPES.items() if x.decays]}); '
+          f'{key}.recipe={self.recipe!r}.')
     try:
       re.compile(self.layers)
     except re.error as e:
-      raise ValueError(f'sparsity.{self.name}.layers={self.layers!r} is not '
-                       f'a valid regex: {e}') from None
+      raise ValueError(f'{key}.layers={self.layers!r} is not a valid regex: '
+                       f'{e}') from None
     if self.decay < 0:
-      raise ValueError(f'sparsity.{self.name}.decay={self.decay} must be >= 0.')
+      raise ValueError(f'{key}.decay={self.decay} must be >= 0.')
     if self.srste_lambda < 0:
-      raise ValueError(f'sparsity.{self.name}.srste_lambda='
-                       f'{self.srste_lambda} must be >= 0.')
+      raise ValueError(f'{key}.srste_lambda={self.srste_lambda} must be '
+                       '>= 0.')
     sdgf_frames(self)  # Validates the frame map.
 
   @property
+  def recipe_def(self) -> recipes_lib.Recipe:
+    return recipes_lib.RECIPES[self.recipe]
+
+  @property
+  def frames_mode(self) -> str:
+    """The SdGf frame map in effect: the recipe's, or the one added."""
+    return self.recipe_def.frames if self.sdgf == 'none' else self.sdgf
+
+  @property
   def is_mdgf(self) -> bool:
-    return self.recipe in ('mdgf_linear', 'mdgf_exp')
+    return self.recipe_def.decays
+
+  @property
+  def scales_gradient(self) -> bool:
+    """Pruned gradients are multiplied by alpha (MdGf 'scaled')."""
+    return self.recipe_def.decays and self.mdgf_grad == 'scaled'
 
 
 def sdgf_frames(spec: GroupSpec) -> tuple[NM, ...]:
@@ -101,19 +134,19 @@ def sdgf_frames(spec: GroupSpec) -> tuple[NM, ...]:
   stepwise ('sparsify'): F = log2(M/N) + 1 frames, (M-1):M then (M/2^i):M.
   geometric ('fine'): 4 frames, (N 2^(3-i)):(M 2^(3-i)), constant density.
   """
-  nm, key = spec.nm, f'sparsity.{spec.name}'
-  if spec.sdgf == 'none':
+  nm, key, mode = spec.nm, f'sparsity.{spec.name}', spec.frames_mode
+  if mode == 'none':
     return (nm,)
-  if spec.sdgf == 'stepwise':
+  if mode == 'stepwise':
     ratio = nm.m // nm.n
     if nm.m % nm.n or ratio & (ratio - 1) or ratio < 2:
       raise ValueError(
-          f'{key}.sdgf=stepwise needs M/N to be a power of two >= 2; got '
+          f'{key}: stepwise SdGf needs M/N to be a power of two >= 2; got '
           f'{nm} (M/N={nm.m / nm.n:g}).')
     num = int(math.log2(ratio)) + 1
     return (NM(nm.m - 1, nm.m),) + tuple(
         NM(nm.m // 2**i, nm.m) for i in range(1, num))
-  if spec.sdgf == 'geometric':
+  if mode == 'geometric':
     return tuple(NM(nm.n * 2**(3 - i), nm.m * 2**(3 - i)) for i in range(4))
   # custom
   frames = spec.custom_frames
@@ -132,12 +165,13 @@ def sdgf_frames(spec: GroupSpec) -> tuple[NM, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class LayerRule:
-  """The current pattern of one group, as seen by layers (static)."""
+  """The current pattern of one group, as seen by a kernel (static)."""
 
   group: str
   layers: str
   nm: NM
   axis: str
+  group_axes: tuple[int | str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,14 +180,15 @@ class SparsityPlan:
 
   Hashable: the jitted train step takes it as a static argument, so it is
   compiled once per distinct plan (once per SdGf frame, never per step).
-  The first rule whose regex is found in a module path applies.
+  The first rule whose regex is found in a parameter path applies.
   """
 
   rules: tuple[LayerRule, ...] = ()
 
-  def lookup(self, module_path: str) -> LayerRule | None:
+  def lookup(self, path: str) -> LayerRule | None:
+    """The rule of the kernel at '/'-joined parameter path `path`."""
     for rule in self.rules:
-      if re.search(rule.layers, module_path):
+      if re.search(rule.layers, path):
         return rule
     return None
 
@@ -190,7 +225,7 @@ class SparsitySchedule:
       # A sparse phase shorter than the SdGf frame map would silently skip
       # frames (possibly the target): refuse it.
       frames = sdgf_frames(g)
-      last_start = g.custom_frames[-1][0] if g.sdgf == 'custom' else (
+      last_start = g.custom_frames[-1][0] if g.frames_mode == 'custom' else (
           len(frames) - 1)
       if length and last_start >= length:
         raise ValueError(
@@ -202,7 +237,7 @@ class SparsitySchedule:
 
   @property
   def sparse_groups(self) -> tuple[GroupSpec, ...]:
-    return tuple(g for g in self.groups if g.recipe != 'dense')
+    return tuple(g for g in self.groups if g.recipe_def.masked)
 
   @property
   def sparse_start(self) -> int:
@@ -225,7 +260,7 @@ class SparsitySchedule:
     if step >= self.fine_tune_start:
       return len(frames) - 1
     t = max(step - self.sparse_start, 0)
-    if group.sdgf == 'custom':
+    if group.frames_mode == 'custom':
       return sum(1 for s, _ in group.custom_frames if s <= t) - 1
     length = self.fine_tune_start - self.sparse_start
     return min(len(frames) - 1, t * len(frames) // max(length, 1))
@@ -242,7 +277,7 @@ class SparsitySchedule:
     for g in self.sparse_groups:
       nm = self.pattern(step, g)
       if nm is not None:
-        rules.append(LayerRule(g.name, g.layers, nm, g.axis))
+        rules.append(LayerRule(g.name, g.layers, nm, g.axis, g.group_axes))
     return SparsityPlan(tuple(rules))
 
   def eval_plan(self, step: int) -> SparsityPlan:
@@ -258,23 +293,28 @@ class SparsitySchedule:
     when the run is too short to reach it; what export and the final
     evaluation use."""
     return SparsityPlan(tuple(
-        LayerRule(g.name, g.layers, sdgf_frames(g)[-1], g.axis)
+        LayerRule(g.name, g.layers, sdgf_frames(g)[-1], g.axis, g.group_axes)
         for g in self.sparse_groups))
 
-  def distinct_plans(self) -> tuple[SparsityPlan, ...]:
-    """Every training plan of the run, in order (bounded: one per frame)."""
+  def plan_boundaries(self) -> tuple[int, ...]:
+    """Sorted steps at which the plan may change: 0, the phase boundaries
+    and the first step of every SdGf frame."""
     boundaries = {0, self.sparse_start, self.fine_tune_start}
+    length = self.fine_tune_start - self.sparse_start
     for g in self.sparse_groups:
       frames = sdgf_frames(g)
-      length = self.fine_tune_start - self.sparse_start
-      if g.sdgf == 'custom':
+      if g.frames_mode == 'custom':
         starts = [self.sparse_start + s for s, _ in g.custom_frames]
       else:
         starts = [self.sparse_start + -(-i * length // len(frames))
                   for i in range(len(frames))]
       boundaries.update(starts)
+    return tuple(sorted(b for b in boundaries if 0 <= b < self.total_steps))
+
+  def distinct_plans(self) -> tuple[SparsityPlan, ...]:
+    """Every training plan of the run, in order (bounded: one per frame)."""
     plans = []
-    for step in sorted(b for b in boundaries if 0 <= b < self.total_steps):
+    for step in self.plan_boundaries():
       p = self.plan(step)
       if p not in plans:
         plans.append(p)
@@ -284,78 +324,66 @@ class SparsitySchedule:
 
   def values(self, step, *, train: bool = True
              ) -> dict[str, dict[str, jnp.ndarray]]:
-    """Per-group scalars at `step` (a traced int), for layers and optax.
+    """Per-group float32 scalars at `step` (a traced int), for the layers and
+    the optax transforms.
 
     alpha: mask value of pruned weights in the forward pass
-      (w_eff = w * (m + (1 - m) alpha)); 0 in evaluation.
-    grad_scale: factor on the gradient of pruned weights (MdGf 'scaled').
+      (w_eff = w * (m + (1 - m) alpha)): 1 (no mask) in the dense warm-up,
+      the recipe's alpha(t) in the sparse phase, 0 in fine-tune and with
+      train=False (evaluation always uses the hard mask).
+    grad_scale: factor on the gradient of pruned weights: alpha in the sparse
+      phase for MdGf 'scaled', else 1.
     srste_lambda: SR-STE refill coefficient, 0 outside its sparse phase.
     """
     step = jnp.asarray(step)
-    t = (step - self.sparse_start).astype(jnp.float32)
+    t = step - self.sparse_start
     in_sparse = (step >= self.sparse_start) & (step < self.fine_tune_start)
     out = {}
     for g in self.sparse_groups:
-      if g.recipe == 'mdgf_linear':
-        decayed = jnp.maximum(1.0 - g.decay * t, 0.0)
-      elif g.recipe == 'mdgf_exp':
-        decayed = jnp.exp(-g.decay * jnp.maximum(t, 0.0))
-      else:
-        decayed = jnp.zeros((), jnp.float32)
-      # Mask value of pruned weights: 1 (no mask) in the dense warm-up, the
-      # recipe's value in the sparse phase, 0 in fine-tune and evaluation.
+      decayed = g.recipe_def.alpha(t, g.decay)
       alpha = jnp.where(step < self.sparse_start, 1.0,
                         jnp.where(in_sparse, decayed, 0.0))
       alpha = alpha if train else jnp.zeros(())
-      scaled = g.is_mdgf and g.mdgf_grad == 'scaled'
-      grad_scale = jnp.where(in_sparse, alpha, 1.0) if scaled else jnp.ones(())
+      grad_scale = (jnp.where(in_sparse, alpha, 1.0) if g.scales_gradient
+                    else jnp.ones(()))
       lam = (jnp.where(in_sparse, g.srste_lambda, 0.0)
-             if g.recipe == 'srste' and train else jnp.zeros(()))
+             if g.recipe_def.refill and train else jnp.zeros(()))
       out[g.name] = dict(alpha=alpha.astype(jnp.float32),
                          grad_scale=grad_scale.astype(jnp.float32),
                          srste_lambda=lam.astype(jnp.float32))
     return out
 
-
-def needed_values(schedule: SparsitySchedule,
-                  values: Mapping[str, Mapping[str, jnp.ndarray]]) -> dict:
-  """`values` without the entries a group's recipe never uses (the SR-STE
-  lambda of a non-SR-STE group, the gradient scale unless MdGf 'scaled'), so
-  the optax transforms skip those groups at trace time instead of applying
-  a scale of 1 or a term of 0 at every step."""
-  out = {}
-  for g in schedule.sparse_groups:
-    keep = {'alpha'}
-    if g.recipe == 'srste':
-      keep.add('srste_lambda')
-    if g.is_mdgf and g.mdgf_grad == 'scaled':
-      keep.add('grad_scale')
-    out[g.name] = {k: v for k, v in values[g.name].items() if k in keep}
-  return out
+  def alpha_host(self, step: int, group: GroupSpec) -> float:
+    """The training alpha of `group` at `step`, as a Python float."""
+    if step < self.sparse_start:
+      return 1.0
+    if step >= self.fine_tune_start:
+      return 0.0
+    return group.recipe_def.alpha_host(step - self.sparse_start, group.decay)
 
 
 def layer_collection(values: Mapping[str, Mapping[str, jnp.ndarray]],
                      plan: SparsityPlan,
-                     layer_paths: tuple[str, ...]) -> dict:
+                     kernel_paths: Sequence[str]) -> dict:
   """Builds the `sparsity` variable collection for `model.apply`.
 
   Args:
     values: `SparsitySchedule.values(step)`.
     plan: the current plan.
-    layer_paths: '/'-joined module paths of every layer that owns a kernel
-      (see `pgf.sparsity.kernel_layer_paths`).
+    kernel_paths: '/'-joined parameter paths of the model's sparse-capable
+      kernels, e.g. 'Transformer/encoderblock_0/mlp/wi/kernel'.
 
   Returns:
-    A nested dict mirroring the module tree: for each sparse layer,
-    {'alpha', 'grad_scale', 'srste_lambda'} of its group.
+    A nested dict mirroring the module tree: {'alpha': scalar} at the module
+    of each kernel the plan makes sparse (the layers read nothing else).
   """
   tree: dict = {}
-  for path in layer_paths:
+  for path in kernel_paths:
     rule = plan.lookup(path)
     if rule is None:
       continue
     node = tree
-    for part in path.split('/'):
+    for part in path.split('/')[:-1]:
       node = node.setdefault(part, {})
-    node.update(values[rule.group])
+    node['alpha'] = values[rule.group]['alpha']
   return tree

@@ -1,94 +1,96 @@
-"""Optax transforms for the recipes' gradient changes (method.md section 2).
+"""Optax transforms for the recipes' gradient changes (docs/recipes.md
+section 2).
 
-Both read two extra arguments of `update` (optax's GradientTransformation-
-ExtraArgs protocol, so they chain with clipping and AdamW):
+Each is built from a `Sparsifier` (which kernels, which groups, the
+schedule) and takes the step as an extra argument of `update` (optax's
+GradientTransformationExtraArgs protocol, so they chain with clipping and
+AdamW):
 
-  masks:    the `sparse_masks` collection sown by the sparse layers: a tree
-            mirroring params with a boolean mask at each sparse kernel.
-  sparsity: the `sparsity` collection (`layer_collection`): per sparse layer
-            {'alpha', 'grad_scale', 'srste_lambda'}.
+  tx = optax.chain(sparsifier.gradient_transform(), optax.adamw(lr))
+  updates, opt_state = tx.update(grads, opt_state, params, step=step)
 
-Parameters that are not sparse kernels pass through unchanged. Place both
-first in the chain so they act on the raw gradient, before clipping and the
-optimizer (SR-STE's term is not decoupled weight decay).
+`plan=` (the static SparsityPlan of the step) may be passed too; without it
+the plan is chosen inside the computation (`Sparsifier.switch`). The masks
+they need are recomputed from `params` (the same pure function of the same
+weights the forward pass used), so no mask is carried from the forward pass
+to the optimizer. Parameters that are not sparse kernels pass through
+unchanged. Place them first in the chain so they act on the raw gradient,
+before clipping and the optimizer (SR-STE's term is not decoupled weight
+decay).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
-
-def _map_sparse(fn: Callable, updates, params, masks, sparsity):
-  """Applies fn(g, w, mask, layer_values) at every sparse kernel."""
-  flat_masks = flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(masks or {}), sep='/')
-  flat_vals = flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(sparsity or {}), sep='/')
-  # A sparse kernel is one with a sown mask. Its layer's schedule values
-  # hold only what its recipe uses (`needed_values`): a missing value means
-  # the transform has nothing to do for that layer.
-
-  def one(path, g, w):
-    key = '/'.join(str(getattr(k, 'key', k)) for k in path)
-    if key not in flat_masks:
-      return g
-    layer = key.rsplit('/', 1)[0]
-    vals = {name: flat_vals[f'{layer}/{name}']
-            for name in ('alpha', 'grad_scale', 'srste_lambda')
-            if f'{layer}/{name}' in flat_vals}
-    return fn(g, w, flat_masks[key], vals)
-
-  return jax.tree_util.tree_map_with_path(one, updates, params)
+from pgf.sparsity import sparsifier as sparsifier_lib
 
 
-def decaying_mask_flow() -> optax.GradientTransformationExtraArgs:
-  """Scales the gradient of pruned weights by the group's `grad_scale`.
+def _transform(sparsifier, uses: Callable, fn: Callable, name: str
+               ) -> optax.GradientTransformationExtraArgs:
+  """A stateless transform applying fn(g, w, mask, group values) at every
+  sparse kernel whose group `uses(group_spec)`."""
+  groups = {g.name for g in sparsifier.schedule.sparse_groups if uses(g)}
 
-  For MdGf with mdgf_grad='scaled' this is alpha (the gradient autodiff of
-  w * (m + (1 - m) alpha) gives); otherwise grad_scale is 1 and the gradient
-  is straight-through, as in the authors' released code.
-  """
+  def update_fn(updates, state, params=None, *, step=None, plan=None, **_):
+    if not groups:
+      return updates, state
+    if params is None or step is None:
+      raise ValueError(f'{name} needs params and step= in update().')
+    values = sparsifier.schedule.values(step)
 
-  def update_fn(updates, state, params=None, *, masks=None, sparsity=None,
-                **_):
-    def fn(g, w, mask, vals):
-      del w
-      if 'grad_scale' not in vals:
-        return g
-      scale = vals['grad_scale'].astype(g.dtype)
-      return jnp.where(mask, g, g * scale)
-    if params is None:
-      raise ValueError('decaying_mask_flow needs params in update().')
-    return _map_sparse(fn, updates, params, masks, sparsity), state
+    def with_plan(p, updates, params):
+      flat_u = sparsifier_lib.flatten(updates)
+      flat_w = sparsifier_lib.flatten(params)
+      masks = sparsifier.masks(params, p)
+      for path, (rule, _) in sparsifier.matched(p).items():
+        if rule.group in groups:
+          flat_u[path] = fn(flat_u[path], flat_w[path], masks[path],
+                            values[rule.group])
+      return sparsifier_lib.unflatten(flat_u)
+
+    if plan is not None:
+      out = with_plan(plan, updates, params)
+    else:
+      out = sparsifier.switch(step, with_plan, updates, params)
+    # Keep the container type of the updates (FrozenDict or dict).
+    return jax.tree.unflatten(jax.tree.structure(updates),
+                              jax.tree.leaves(out)), state
 
   return optax.GradientTransformationExtraArgs(
       lambda params: optax.EmptyState(), update_fn)
 
 
-def srste_refill() -> optax.GradientTransformationExtraArgs:
-  """Adds SR-STE's refill term lambda * (1 - m) * w to the raw gradient."""
+def decaying_mask_flow(sparsifier) -> optax.GradientTransformationExtraArgs:
+  """MdGf 'scaled': the gradient of pruned weights times alpha (what
+  autodiff of w * (m + (1 - m) alpha) gives). Groups with the default
+  'straight_through' (the authors' released code) are left alone."""
 
-  def update_fn(updates, state, params=None, *, masks=None, sparsity=None,
-                **_):
-    def fn(g, w, mask, vals):
-      if 'srste_lambda' not in vals:
-        return g
-      lam = vals['srste_lambda'].astype(g.dtype)
-      return g + jnp.where(mask, jnp.zeros((), g.dtype),
-                           lam * w.astype(g.dtype))
-    if params is None:
-      raise ValueError('srste_refill needs params in update().')
-    return _map_sparse(fn, updates, params, masks, sparsity), state
+  def fn(g, w, mask, vals):
+    del w
+    return jnp.where(mask, g, g * vals['grad_scale'].astype(g.dtype))
 
-  return optax.GradientTransformationExtraArgs(
-      lambda params: optax.EmptyState(), update_fn)
+  return _transform(sparsifier, lambda g: g.scales_gradient, fn,
+                    'decaying_mask_flow')
 
 
-def sparse_gradients() -> optax.GradientTransformationExtraArgs:
-  """Both recipe transforms, in order: the decaying-mask flow, then SR-STE."""
-  return optax.chain(decaying_mask_flow(), srste_refill())
+def srste_refill(sparsifier) -> optax.GradientTransformationExtraArgs:
+  """SR-STE: adds lambda * (1 - m) * w to the raw gradient (Zhou et al.
+  2021), lambda from the schedule (0 outside the sparse phase)."""
+
+  def fn(g, w, mask, vals):
+    lam = vals['srste_lambda'].astype(g.dtype)
+    return g + jnp.where(mask, jnp.zeros((), g.dtype), lam * w.astype(g.dtype))
+
+  return _transform(sparsifier, lambda g: g.recipe_def.refill, fn,
+                    'srste_refill')
+
+
+def recipe_gradients(sparsifier) -> optax.GradientTransformationExtraArgs:
+  """Both transforms, in order: the decaying-mask flow, then SR-STE. A
+  transform no group needs does nothing (no mask is computed for it)."""
+  return optax.chain(decaying_mask_flow(sparsifier), srste_refill(sparsifier))

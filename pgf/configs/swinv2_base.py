@@ -5,7 +5,8 @@ r"""SwinV2-B (window 8, 256x256) on ImageNet-1k with N:M sparse FF layers.
   python -m pgf.train --config=configs/swinv2_base.py:mdgf_exp,1:8,runlocal
 
 The paper's SwinV2-B runs use the Swin authors' ImageNet-1k recipe
-(method.md section 6; Liu et al. 2022, config swinv2_base_patch4_window8_256):
+(docs/recipes.md section 6; Liu et al. 2022, config
+swinv2_base_patch4_window8_256):
 300 epochs, batch 1024, AdamW (wd 0.05, eps 1e-8), lr 1e-3 (5e-4 per 512),
 20 warm-up epochs, cosine to 1e-5, clipping 5.0, drop-path 0.5, label
 smoothing 0.1, RandAugment m9 n2, mixup 0.8 (pgf has no CutMix yet). The
@@ -15,12 +16,13 @@ authors' released sparse run: SR-STE 2:4 on FF with output-axis grouping
 runlocal: a 'mu' SwinV2 (2 stages) on pgf_digits upsampled to 32x32.
 """
 
-from configs import base
-from configs import common
+from pgf.configs import base
+from pgf.configs import common
 
 
 def get_config(arg=None):
-  recipe, n, m, runlocal = common.parse_arg(arg, recipe='srste', nm='2:4')
+  recipe, n, m, flags = common.parse_arg(arg, recipe='srste', nm='2:4')
+  runlocal = 'runlocal' in flags
   c = base.get_base_config()
   c.model.name = 'swin'
   c.model.variant = 'B'

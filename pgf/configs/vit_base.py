@@ -6,7 +6,7 @@ r"""ViT-Base/16 on ImageNet-1k with N:M sparse FF layers (the paper's setup).
 
 Any recipe (dense, ste, srste, mdgf_linear, mdgf_exp, sdgf_stepwise,
 sdgf_geometric) and any N:M (2:4, 1:4, 1:8, 1:16, 1:32, ...) through the
-argument. Hyperparameters: the authors' released ViT-B config (method.md
+argument. Hyperparameters: the authors' released ViT-B config (docs/recipes.md
 section 6): 350 epochs + 2 cooldown, 15 warm-up, AdamW (eps 1e-8, wd 0.01,
 none on biases/norms), lr 1e-3 at batch 4096 scaled by sqrt(batch/4096),
 cosine to 1e-7, RandAugment m15 n2, mixup 0.5, BCE loss, dropout 0.1,
@@ -17,12 +17,13 @@ runlocal: a 'tiny/2' ViT (4 layers, width 64) on pgf_digits (8x8 images that
 ship with scikit-learn), 400 steps, on a CPU in about a minute.
 """
 
-from configs import base
-from configs import common
+from pgf.configs import base
+from pgf.configs import common
 
 
 def get_config(arg=None):
-  recipe, n, m, runlocal = common.parse_arg(arg, recipe='mdgf_exp', nm='1:16')
+  recipe, n, m, flags = common.parse_arg(arg, recipe='mdgf_exp', nm='1:16')
+  runlocal = 'runlocal' in flags
   c = base.get_base_config()
   c.model.name = 'vit'
   c.model.variant = 'B/16'

@@ -9,7 +9,7 @@ so this run takes the same path as imagenet2012). Offline, on a CPU.
   python -m pgf.train --config.sparsity.ff.recipe=srste
 """
 
-from configs import base
+from pgf.configs import base
 
 
 def get_config(arg=None):

@@ -14,11 +14,13 @@ ROLES = ('ff', 'q', 'k', 'v', 'o')
 def sparsity_group(**overrides) -> ml_collections.ConfigDict:
   """Sparsity settings of one role (FF, Q, K, V or attention output)."""
   group = ml_collections.ConfigDict(dict(
-      # dense | ste | srste | mdgf_linear | mdgf_exp (method.md section 2).
+      # A name in pgf.sparsity.recipes.RECIPES: dense | ste | srste |
+      # mdgf_linear | mdgf_exp | sdgf_stepwise | sdgf_geometric.
       recipe='dense',
       n=1,  # N of the target N:M pattern.
       m=16,  # M of the target N:M pattern.
-      # none | stepwise | geometric | custom (SdGf frame maps).
+      # SdGf frame map added to the recipe (e.g. mdgf_exp + stepwise):
+      # none | stepwise | geometric | custom; the sdgf_* recipes imply theirs.
       sdgf='none',
       # For sdgf=custom: 'start:N:M,...' with start a duration from the start
       # of the sparse phase, e.g. '0:4:8,25%:2:8,50%:1:8'.
@@ -29,7 +31,12 @@ def sparsity_group(**overrides) -> ml_collections.ConfigDict:
       mdgf_grad='straight_through',
       srste_lambda=2e-4,  # SR-STE refill coefficient (Zhou et al. 2021).
       axis='in',  # in: group along contraction axes | out: output axes.
-      layers='',  # Regex on module paths; '' = the model's default for role.
+      # Explicit group axes, overriding axis: '0', '0,1' or logical names
+      # such as 'embed'; '' = by axis.
+      group_axes='',
+      # Regex on parameter paths ('.../mlp/wi/kernel'); '' = the model's
+      # default for the role.
+      layers='',
   ))
   group.update(overrides)
   return group
@@ -37,7 +44,9 @@ def sparsity_group(**overrides) -> ml_collections.ConfigDict:
 
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0  # Seeds parameters, dropout and data order.
+  c.seed = 0  # Seeds parameters, dropout and data order (one seed, one run).
+  # What is trained (pgf.tasks.<task>): classification | span_corruption.
+  c.task = 'classification'
 
   # ---- Model -------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -57,6 +66,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.name = 'pgf_digits'  # Any TFDS name; pgf_digits, pgf_pydoc built in.
   # TFDS data_dir; '' = $TFDS_DATA_DIR, else ~/tensorflow_datasets.
   c.data.data_dir = ''
+  # Local files pgf_fashion_mnist/pgf_python_docs are made from; '' = Debian's.
+  c.data.source_dir = ''
   c.data.train_split = 'train'
   c.data.eval_split = 'test'
   c.data.image_size = 32  # Model input resolution (vision).
@@ -66,7 +77,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.randaugment_m = 15  # RandAugment magnitude; ViT-B recipe: 15.
   c.data.mixup_alpha = 0.0  # Mixup Beta(a, a); ViT-B recipe: 0.5 (0 = off).
   c.data.num_workers = 0  # grain worker processes (0 = in the main process).
-  c.data.shuffle_seed = 0  # Data order seed (the iterator state is saved).
+  # Data order seed; -1 = config.seed. The order is a function of the seed
+  # and the step alone, whatever the number of processes (state is saved).
+  c.data.shuffle_seed = -1
+  # Vision: hold the whole split in memory, preprocessed once (preprocess
+  # 'simple', no RandAugment); the same batches as the grain pipeline.
+  c.data.in_memory = False
   # Text (t5): span corruption as in T5.
   c.data.text_key = 'text'  # Feature holding the text.
   c.data.vocab = 'byte'  # byte | sentencepiece
@@ -100,10 +116,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.0  # Decoupled; never on biases or norms.
   c.optimizer.clip_norm = 0.0  # Global-norm clipping (0 = off).
 
-  # ---- Sparsity (method.md) ----------------------------------------------
+  # ---- Sparsity (docs/recipes.md) ---------------------------------------
   c.sparsity = ml_collections.ConfigDict()
   c.sparsity.dense_warmup = '0'  # Dense phase at the start (no mask).
   c.sparsity.fine_tune = '0'  # Hard-mask STE phase at the end.
+  # Recompute N:M masks and effective kernels in the backward pass instead
+  # of keeping them (same results; no extra memory over a dense step).
+  c.sparsity.recompute = True
   for role in ROLES:
     c.sparsity[role] = sparsity_group()
 
@@ -125,6 +144,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = '500'  # Checkpoint interval (and at the end).
   c.keep_checkpoints = 3  # Checkpoints kept on disk.
   c.num_eval_examples = 0  # t5: decoded examples written per eval (0=off).
+
+  # ---- Gradient-noise diagnostics (opt-in; at log steps only) ------------
+  # Per sparse kernel: gradient std, mask change, variance of AdamW's second
+  # moment, minibatch noise-to-signal ratio (docs/recipes.md section 8).
+  # Cost when on: log steps compile a second step that also computes
+  # `sub_batches` sub-batch gradients (about one extra backward pass).
+  c.diagnostics = ml_collections.ConfigDict()
+  c.diagnostics.enabled = False
+  c.diagnostics.sub_batches = 4  # Sub-batches of the noise-to-signal ratio.
+  c.diagnostics.layers = ''  # Regex on kernel paths; '' = every sparse one.
   return c
 
 

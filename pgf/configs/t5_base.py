@@ -12,19 +12,21 @@ Adafactor (decay 0.8, update clipping 1.0, parameter scaling), lr 0.01
 constant for 10k steps then 1/sqrt decay (T5X 'constant * rsqrt_decay' with
 base 1.0), z-loss 1e-4, no dropout, 2^19 steps, the standard T5 vocabulary
 (32,000 pieces + 100 sentinels; 32,128 embedding rows). The paper's exact
-language benchmark is not known (method.md section 6).
+language benchmark is not known (docs/recipes.md section 6).
 
 runlocal: a 'mu' T5 on pgf_pydoc (the standard library's topic docs) with a
 byte-level vocabulary, inputs 128 / targets 32.
 """
 
-from configs import base
-from configs import common
+from pgf.configs import base
+from pgf.configs import common
 
 
 def get_config(arg=None):
-  recipe, n, m, runlocal = common.parse_arg(arg, recipe='mdgf_exp', nm='1:16')
+  recipe, n, m, flags = common.parse_arg(arg, recipe='mdgf_exp', nm='1:16')
+  runlocal = 'runlocal' in flags
   c = base.get_base_config()
+  c.task = 'span_corruption'
   c.model.name = 't5'
   c.model.variant = 'base'
   c.model.vocab_size = 32128
