@@ -16,6 +16,12 @@ from absl import logging
 import numpy as np
 
 
+def read_jsonl(workdir: str) -> list[dict]:
+  """The records of a run's metrics.jsonl, in order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 class MetricWriter:
   """Writes prefixed scalars ('train/loss', 'eval/accuracy', ...)."""
 

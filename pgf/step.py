@@ -72,12 +72,16 @@ class Setup:
 
   @property
   def diagnosed(self) -> tuple[str, ...]:
-    """Kernels whose gradient-noise diagnostics are logged."""
+    """Kernels whose gradient-noise diagnostics are logged: those of
+    diagnostics.layers, by default the FF kernels (sparsity.ff's regex,
+    whether or not they are sparse, so a dense run has the curves too)."""
     d = self.config.diagnostics
     if not d.enabled:
       return ()
-    return tuple(p for p in sorted(self.sparsifier.sparse_sites())
-                 if re.search(d.layers, p))
+    regex = d.layers or self.config.sparsity.ff.layers or (
+        self.task.module.SPARSITY_LAYERS['ff'])
+    return tuple(p for p in sorted(self.sparsifier.sites)
+                 if re.search(regex, p))
 
 
 def plan_run(config, *, info=None):
@@ -222,7 +226,7 @@ def train_step(s: Setup, state: TrainState, batch, plan: sp.SparsityPlan,
                                    step=state.step, plan=plan)
   params = optax.apply_updates(state.params, updates)
   out = {f'train/{k}': v for k, v in metrics.items()}
-  out['train/grad_norm'] = optax.global_norm(grads)
+  out['train/grad_norm'] = optax.tree.norm(grads)
   out['train/lr'] = s.lr_fn(state.step)
   out.update(s.sparsifier.step_metrics(values))
   if diagnose:
@@ -305,7 +309,8 @@ def sparsity_stats(s: Setup, state: TrainState, plan: sp.SparsityPlan
       state.params, step=state.step - 1, plan=plan,
       prev_masks=state.log_masks)
   for p in s.diagnosed:
-    metrics[f'diag/{p.rsplit("/", 1)[0]}/mask_change'] = changes[p]
+    if p in changes:  # Sparse kernels only: a dense kernel has no mask.
+      metrics[f'diag/{p.rsplit("/", 1)[0]}/mask_change'] = changes[p]
   return metrics, state.replace(log_masks=new_masks)
 
 

@@ -146,14 +146,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.num_eval_examples = 0  # t5: decoded examples written per eval (0=off).
 
   # ---- Gradient-noise diagnostics (opt-in; at log steps only) ------------
-  # Per sparse kernel: gradient std, mask change, variance of AdamW's second
+  # Per kernel: gradient std, mask change, variance of AdamW's second
   # moment, minibatch noise-to-signal ratio (docs/recipes.md section 8).
   # Cost when on: log steps compile a second step that also computes
   # `sub_batches` sub-batch gradients (about one extra backward pass).
   c.diagnostics = ml_collections.ConfigDict()
   c.diagnostics.enabled = False
   c.diagnostics.sub_batches = 4  # Sub-batches of the noise-to-signal ratio.
-  c.diagnostics.layers = ''  # Regex on kernel paths; '' = every sparse one.
+  # Regex on kernel paths; '' = the FF kernels (sparsity.ff's selection).
+  c.diagnostics.layers = ''
   return c
 
 
