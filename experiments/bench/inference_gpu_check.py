@@ -10,6 +10,7 @@ r"""GPU check of the Pallas N:M kernel (run on an NVIDIA H100/H200 machine).
 Prints one line per check; exits non-zero if any check fails.
 """
 
+import datetime
 import json
 import os
 import sys
@@ -54,7 +55,8 @@ def main(argv):
   ok = check_correctness()
   rows = bench.time_pallas()
   meta = dict(command=' '.join(sys.argv), backend='pallas',
-              machine=jax.devices()[0].device_kind, date='', load='',
+              machine=jax.devices()[0].device_kind,
+              date=datetime.date.today().isoformat(), load='',
               jax=jax.__version__, kernel='pallas (Triton)',
               dtype='bfloat16')
   out = flags.FLAGS.out

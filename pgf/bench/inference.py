@@ -107,7 +107,8 @@ def matmul_rows(*, backend: str, dtype=jnp.float32, shapes=SHAPES,
             shape=name, k=k, out=out, pattern=f'{n}:{m}', batch=b,
             dense_min_ms=t['dense'][0], dense_median_ms=t['dense'][1],
             nm_min_ms=t['nm'][0], nm_median_ms=t['nm'][1],
-            ratio=t['dense'][1] / t['nm'][1], max_abs_err=err))
+            ratio=t['dense'][1] / t['nm'][1],
+            ratio_min=t['dense'][0] / t['nm'][0], max_abs_err=err))
         print(_row_text(rows[-1]), flush=True)
   return rows
 
@@ -146,7 +147,8 @@ def ff_stack_rows(*, backend: str, patterns=PATTERNS, tokens: int = 197,
         pattern=f'{n}:{m}', batch=tokens,
         dense_min_ms=t['dense'][0], dense_median_ms=t['dense'][1],
         nm_min_ms=t['nm'][0], nm_median_ms=t['nm'][1],
-        ratio=t['dense'][1] / t['nm'][1]))
+        ratio=t['dense'][1] / t['nm'][1],
+        ratio_min=t['dense'][0] / t['nm'][0]))
     print(_row_text(rows[-1]), flush=True)
   return rows
 
@@ -203,7 +205,7 @@ def t5_decode_rows(*, backend: str, patterns=PATTERNS, variant: str = 'base',
         pattern=f'{n}:{m}', batch=batch, dense_min_ms=t['dense'][0],
         dense_median_ms=t['dense'][1], nm_min_ms=t['nm'][0],
         nm_median_ms=t['nm'][1], ratio=t['dense'][1] / t['nm'][1],
-        same_tokens=same))
+        ratio_min=t['dense'][0] / t['nm'][0], same_tokens=same))
     print(_row_text(rows[-1]), flush=True)
   return rows
 
@@ -222,7 +224,7 @@ def _row_text(r: dict) -> str:
   return (f"{r['shape']:>22} {r['pattern']:>5} b={r['batch']:<4} dense "
           f"{r['dense_median_ms']:8.3f} ms (min {r['dense_min_ms']:7.3f})  "
           f"nm {r['nm_median_ms']:8.3f} ms (min {r['nm_min_ms']:7.3f})  "
-          f"ratio {r['ratio']:5.2f}")
+          f"ratio {r['ratio']:5.2f} (min {r['ratio_min']:5.2f})")
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -232,7 +234,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
            f"Machine: {meta['machine']}  ", f"Load: {meta['load']}  ",
            f"JAX {meta['jax']}, {meta['kernel']}, {meta['dtype']}", '',
            'ms per call, median (min) of interleaved samples; ratio = dense '
-           'median / compressed median (> 1: compressed faster).', '',
+           'median / compressed median (> 1: compressed faster), in '
+           'parentheses dense min / compressed min.', '',
            '| shape | K -> out | pattern | batch | dense ms | N:M ms | '
            'ratio |', '| --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
@@ -240,7 +243,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"| {r['shape']} | {r['k']} -> {r['out']} | {r['pattern']} | "
         f"{r['batch']} | {r['dense_median_ms']:.3f} "
         f"({r['dense_min_ms']:.3f}) | {r['nm_median_ms']:.3f} "
-        f"({r['nm_min_ms']:.3f}) | {r['ratio']:.2f} |")
+        f"({r['nm_min_ms']:.3f}) | {r['ratio']:.2f} "
+        f"({r['ratio_min']:.2f}) |")
   lines += ['', NOTES]
   return '\n'.join(lines) + '\n'
 
@@ -263,7 +267,19 @@ How to read it:
 '''
 
 
+def _cpu_name() -> str:
+  try:
+    with open('/proc/cpuinfo') as fh:
+      for line in fh:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def main(argv):
+  del argv
   f = flags.FLAGS
   load_before = os.getloadavg()
   # The Pallas kernel targets GPUs, where models run in bfloat16.
@@ -278,11 +294,14 @@ def main(argv):
     kernel = f'numba {numba.__version__}'
   else:
     kernel = f'{f.backend} on {jax.devices()[0].device_kind}'
+  command = (f'python -m pgf.bench.inference --backend={f.backend} '
+             f'--repeats={f.repeats}' + (' --e2e' if f.e2e else '')
+             + (f' --out={f.out}' if f.out else ''))
   meta = dict(
-      command='python -m pgf.bench.inference ' + ' '.join(argv[1:]),
-      date=datetime.date.today().isoformat(), backend=f.backend,
-      machine=(f'{platform.processor() or platform.machine()}, '
-               f'{os.cpu_count()} cores, shared with other agents'),
+      command=command, date=datetime.date.today().isoformat(),
+      backend=f.backend,
+      machine=(f'{_cpu_name()}, {os.cpu_count()} cores, shared with other '
+               'agents'),
       load=(f'1-min load average {load_before[0]:.2f} before, '
             f'{load_after[0]:.2f} after'),
       jax=jax.__version__, kernel=kernel, dtype=jnp.dtype(dtype).name)

@@ -21,7 +21,8 @@ Two kernels:
   loop must not be loop-vectorised (LLVM would vectorise it with gathers,
   5-10x slower); the lanes are vectorised by the SLP vectoriser instead, so
   these kernels are compiled with numba's LOOP_VECTORIZE off and
-  SLP_VECTORIZE on.
+  SLP_VECTORIZE on. Each output's kept weights run in blocks whose tile
+  rows fit in L1, shared by a block of outputs (L1_FLOATS, OUT_BLOCK).
 
 Rows split into full tiles of 32 (parallel over tiles and output chunks,
 numba prange, from PARALLEL_ROWS rows); a remainder of 2-8 rows takes a tile
@@ -272,6 +273,9 @@ def _compile_tiles() -> None:
   _tile32_parallel = _compile_tile(32, parallel=True)
 
 
+_LIVE = []
+
+
 @functools.cache
 def _ffi_target() -> str:
   """Compiles the handler (once per process; cached on disk) and registers
@@ -279,6 +283,9 @@ def _ffi_target() -> str:
   _compile_tiles()
   sig = numba.types.int64(numba.types.CPointer(numba.types.int64))
   handler = numba.cfunc(sig, nopython=True, cache=True)(_ffi_handler)
+  # XLA keeps only the function pointer: the cfunc (which owns the machine
+  # code) must live as long as the process.
+  _LIVE.append(handler)
   name = 'pgf_nm_matmul'
   jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.ctypes),
                               platform='cpu')
