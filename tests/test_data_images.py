@@ -138,11 +138,12 @@ def test_config_seed_seeds_the_order(digits_dir):
   assert first_batch(seed=5, shuffle_seed=1) == first_batch(seed=1)
 
 
-def test_in_memory_path_equals_grain_path(digits_dir):
+@pytest.mark.parametrize('size', [8, 12])  # Native size; resized by PIL.
+def test_in_memory_path_equals_grain_path(digits_dir, size):
   grain_it = images.make_train_iterator(
-      _config(digits_dir), global_batch_size=16, process_index=1,
-      process_count=2)
-  memory = _config(digits_dir, in_memory=True)
+      _config(digits_dir, image_size=size), global_batch_size=16,
+      process_index=1, process_count=2)
+  memory = _config(digits_dir, in_memory=True, image_size=size)
   mem_it = images.make_train_iterator(memory, global_batch_size=16,
                                       process_index=1, process_count=2)
   for _ in range(5):
@@ -158,7 +159,7 @@ def test_in_memory_path_equals_grain_path(digits_dir):
   again.set_state(state)
   np.testing.assert_array_equal(next(again)['image'], want['image'])
   for p in range(2):
-    a = list(images.make_eval_iterable(_config(digits_dir),
+    a = list(images.make_eval_iterable(_config(digits_dir, image_size=size),
                                        global_batch_size=64, process_index=p,
                                        process_count=2))
     b = list(images.make_eval_iterable(memory, global_batch_size=64,

@@ -392,11 +392,11 @@ def make_train_iterator(config, *, global_batch_size: int, process_index: int,
   source = _source(config, d.train_split)
   order = order_lib.ExampleOrder(len(source), data_seed(config))
   if d.in_memory:
+    images, labels = _preprocessed_split(config, source, train=True)
     return InMemoryIterator(
-        _preprocessed_split(config, source, train=True)[0],
-        np.eye(info.num_classes, dtype=np.float32)[
-            _labels(source)], order, local_batch=local,
-        process_index=process_index, process_count=process_count)
+        images, np.eye(info.num_classes, dtype=np.float32)[labels], order,
+        local_batch=local, process_index=process_index,
+        process_count=process_count)
   ds = grain.MapDataset.range(_STREAM_LENGTH).map(_TrainExample(
       source, order, local, process_index, process_count, d.preprocess,
       d.image_size, d.randaugment_n, d.randaugment_m, info.num_classes))
@@ -431,11 +431,6 @@ def make_eval_iterable(config, *, global_batch_size: int, process_index: int,
 
 # ---- In memory --------------------------------------------------------------
 
-def _labels(source) -> np.ndarray:
-  return np.asarray([int(source[i]['label']) for i in range(len(source))],
-                    np.int64)
-
-
 _SPLIT_CACHE: dict = {}
 
 
@@ -453,18 +448,36 @@ def _preprocessed_split(config, source, *, train: bool
         randaugment_n=0, randaugment_m=0)) if train else (
             lambda im: preprocess_eval(im, preprocess='simple',
                                        image_size=d.image_size))
-    n = len(source)
-    first = prep(source[0]['image'])
-    images = np.empty((n,) + first.shape, np.float32)
-    labels = np.empty(n, np.int64)
-    for i in range(n):
-      example = source[i]
-      images[i] = prep(example['image'])
-      labels[i] = int(example['label'])
+    raw = _read_all(source)
+    pixels = raw['image']
+    if (pixels.ndim in (3, 4) and pixels.shape[1:3] == (d.image_size,) * 2
+        and pixels.dtype == np.uint8):
+      # Already S x S: PIL's resize to the same size is a copy, so the
+      # 'simple' preprocessing is the normalisation alone, done at once
+      # with the same float32 operations as _normalize.
+      x = pixels.reshape(pixels.shape[:3] + (-1,)).astype(np.float32) / 255
+      images = (x - np.asarray(SIMPLE_MEAN, np.float32)) / np.asarray(
+          SIMPLE_STD, np.float32)
+    else:
+      images = np.stack([prep(im) for im in pixels])
     if len(_SPLIT_CACHE) >= 4:
       _SPLIT_CACHE.pop(next(iter(_SPLIT_CACHE)))
-    _SPLIT_CACHE[key] = (images, labels)
+    _SPLIT_CACHE[key] = (images.astype(np.float32),
+                         raw['label'].astype(np.int64))
   return _SPLIT_CACHE[key]
+
+
+def _read_all(source, chunk: int = 4096) -> dict[str, np.ndarray]:
+  """Every record of a TFDS data source as stacked arrays (read in chunks
+  with the source's batched __getitems__ when it has one)."""
+  n = len(source)
+  parts = []
+  for start in range(0, n, chunk):
+    idx = list(range(start, min(start + chunk, n)))
+    getitems = getattr(source, '__getitems__', None)
+    parts.extend(getitems(idx) if getitems else [source[i] for i in idx])
+  return {'image': np.stack([np.asarray(p['image']) for p in parts]),
+          'label': np.asarray([int(p['label']) for p in parts])}
 
 
 class InMemoryIterator:
