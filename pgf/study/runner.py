@@ -10,9 +10,13 @@ the XLA CPU client sizes its intra-op pool from the NPROC environment
 variable (else the CPUs of the process's affinity mask); XLA_FLAGS'
 --xla_cpu_multi_thread_eigen=false and intra_op_parallelism_threads=1 leave
 it at every core (measured: two busy XLA threads either way), so the runner
-sets NPROC, and OMP/MKL/OPENBLAS_NUM_THREADS for the libraries that read
-those. On a GPU the processes share the device: each may grow (no
-preallocation) up to 0.9 / parallel of its memory.
+sets NPROC (NPROC=1: one busy thread, the Python one), and
+OMP/MKL/OPENBLAS_NUM_THREADS for the libraries that read those; --threads
+overrides it. Whether 2 processes x 1 thread beat 1 process x 2 threads on
+a 2-core machine was not settled here: other jobs held 0.7-1.5 of its cores
+in every trial (wall times of 2 x 200-step runs: 61-158 s either way). On a
+GPU the processes share the device: each may grow (no preallocation) up to
+0.9 / parallel of its memory.
 """
 
 from __future__ import annotations
