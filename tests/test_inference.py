@@ -17,6 +17,8 @@ import pytest
 
 from pgf import export
 from pgf import train as train_lib
+from pgf.configs import t5_base
+from pgf.configs import vit_base
 from pgf.inference import cpu
 from pgf.inference import nm
 from pgf.inference import pallas
@@ -24,13 +26,6 @@ from pgf.inference.model import CompressedModel
 from pgf.inference.model import build_model
 from pgf.inference.model import load
 from pgf.inference.model import read_config
-
-try:
-  from pgf.configs import t5_base
-  from pgf.configs import vit_base
-except ImportError:  # The configs' older home.
-  from configs import t5_base
-  from configs import vit_base
 
 
 def _compressed(rng, k, out_shape, n, m):

@@ -175,11 +175,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def build_task(config):
   """The run's task (its build_model, its data pipeline)."""
-  try:
-    from pgf.step import setup  # Where the training setup lives now.
-  except ImportError:
-    from pgf.train import setup
-  return setup(config).task
+  from pgf import step
+  return step.setup(config).task
 
 
 def build_model(config) -> nn.Module:
@@ -189,11 +186,9 @@ def build_model(config) -> nn.Module:
 
 def eval_batches(config, task, *, batch_size: int):
   """The run's evaluation batches (dicts of NumPy arrays)."""
-  pipeline = getattr(task, 'pipeline', None)
-  if pipeline is None:
-    from pgf import data as pipeline
-  return pipeline.make_eval_iterable(config, global_batch_size=batch_size,
-                                     process_index=0, process_count=1)
+  return task.pipeline.make_eval_iterable(
+      config, global_batch_size=batch_size, process_index=0,
+      process_count=1)
 
 
 def find_export(workdir: str) -> str | None:
