@@ -78,12 +78,15 @@ MAX_DISTANCE = 128
 _MASKED = -1e10  # Attention logit of masked pairs (as T5X).
 
 # T5 v1.1 sizes (T5X t5x/examples/t5/t5_1_1/{small,base,large}.gin); 'mu' is
-# a tiny model for CPU tests, 'nano' the language study's model.
+# a tiny model for CPU tests, 'nano' and 'micro' the language study's models
+# (CPU and GPU scale).
 VARIANTS = {
     'mu': dict(emb_dim=32, mlp_dim=64, num_encoder_layers=2,
                num_decoder_layers=2, num_heads=2, head_dim=16),
     'nano': dict(emb_dim=64, mlp_dim=256, num_encoder_layers=2,
                  num_decoder_layers=2, num_heads=4, head_dim=16),
+    'micro': dict(emb_dim=128, mlp_dim=512, num_encoder_layers=4,
+                  num_decoder_layers=4, num_heads=4, head_dim=32),
     'small': dict(emb_dim=512, mlp_dim=1024, num_encoder_layers=8,
                   num_decoder_layers=8, num_heads=6, head_dim=64),
     'base': dict(emb_dim=768, mlp_dim=2048, num_encoder_layers=12,

@@ -74,12 +74,13 @@ SPARSITY_LAYERS = {
 }
 
 # name -> (width, depth, mlp_dim, num_heads). timm/big_vision sizes; 'mu',
-# 'mini' and 'tiny' are small models for CPU tests, the embedded default and
-# the Fashion-MNIST study.
+# 'mini', 'tiny' and 'wide' are small models for CPU tests, the embedded
+# default and the Fashion-MNIST study (CPU and GPU scale).
 VARIANTS = {
     'mu': dict(width=32, depth=2, mlp_dim=64, num_heads=2),
     'mini': dict(width=64, depth=2, mlp_dim=256, num_heads=4),
     'tiny': dict(width=64, depth=4, mlp_dim=256, num_heads=4),
+    'wide': dict(width=256, depth=4, mlp_dim=1024, num_heads=4),
     'Ti': dict(width=192, depth=12, mlp_dim=768, num_heads=3),
     'S': dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
     'B': dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
