@@ -11,9 +11,9 @@ files) held in memory. The model is sized so that sparsity costs accuracy
 and a CPU trains it in minutes: a 'mini/7' ViT (width 64, 2 blocks, MLP
 256, 16 patches of 7x7, average pooling), FF layers sparse (the
 contraction lengths 64 and 256 hold groups up to M = 64 and 256). 4 epochs
-of batch 128, AdamW with a 5 % warm-up and a cosine decay. MdGf's coefficient puts alpha at 0.01 at
-60 % of the run, as the released ViT-B 1:32 config does (alpha(50k of 90k
-steps) = 0.007).
+of batch 128, AdamW with a 5 % warm-up and a cosine decay. MdGf's
+coefficient puts alpha at 0.01 at 60 % of the run, as the released ViT-B
+1:32 config does (alpha(50k of 90k steps) = 0.007).
 
 The argument: a recipe, an N:M (default dense, 1:32), and
   diag      log the gradient-noise diagnostics (docs/recipes.md section 8)
