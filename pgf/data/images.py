@@ -197,8 +197,8 @@ def random_resized_crop(img: PIL.Image.Image, size: int,
 
 
 def resize_center_crop(img: PIL.Image.Image, size: int) -> PIL.Image.Image:
-  """Shorter side to floor(size / 0.875) (bicubic), then the central
-  size x size crop, as timm's eval transform."""
+  """Shorter side to floor(size / EVAL_CROP_FRACTION) (0.9, bicubic), then
+  the central size x size crop, as timm's eval transform."""
   scale = math.floor(size / EVAL_CROP_FRACTION)
   width, height = img.size
   if width <= height:
