@@ -161,6 +161,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     progress.exclude(time.monotonic() - t)
   ckpt.wait()
   ckpt.close()
+  if not last_eval:
+    # Killed after the last checkpoint but before the results were written:
+    # the final evaluation is in metrics.jsonl already; recompute it (the
+    # same state, the same numbers) for final_metrics.json only.
+    last_eval = step_lib.evaluate(s, eval_step, state, workdir)
   final = dict(last_eval)
   if jax.process_index() == 0:
     final['train_seconds_this_run'] = time.monotonic() - t0

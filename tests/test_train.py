@@ -301,3 +301,19 @@ def test_swinv2_trains_with_output_axis_srste(data_dir, tmp_path):
   # MdGf on Q/K/V: alpha = exp(-0.5 t) at the logged steps t = 0..3.
   assert last['sparsity/q/alpha'] == pytest.approx(
       np.mean(np.exp(-0.5 * np.arange(4))), rel=1e-5)
+
+
+def test_killed_after_last_checkpoint_still_reports_results(data_dir,
+                                                            tmp_path):
+  # A kill after the last checkpoint but before final_metrics.json: the
+  # rerun has no step left to train and must still report the evaluation.
+  workdir = str(tmp_path / 'run')
+  full = train_lib.train_and_evaluate(tiny_vit(data_dir, total_steps='4',
+                                               eval_every='4'), workdir)
+  os.remove(os.path.join(workdir, 'final_metrics.json'))
+  log = read_jsonl(workdir)
+  again = train_lib.train_and_evaluate(tiny_vit(data_dir, total_steps='4',
+                                                eval_every='4'), workdir)
+  for key in ('eval/loss', 'eval/accuracy'):
+    assert again[key] == full[key]
+  assert read_jsonl(workdir) == log  # Nothing logged twice.
