@@ -248,16 +248,16 @@ def _diagnostics(s: Setup, grad_fn, state, batch, rng, grads,
                                   mean: a scale-free minibatch noise ratio
   """
   paths = s.diagnosed
-  flat_g = sp.sparsifier.flatten(grads)
+  flat_g = sp.trees.flatten(grads)
   nus = optax.tree_utils.tree_get_all_with_path(opt_state, 'nu')
-  flat_nu = sp.sparsifier.flatten(nus[0][1]) if nus else {}
+  flat_nu = sp.trees.flatten(nus[0][1]) if nus else {}
   k = s.config.diagnostics.sub_batches
   subs = jax.tree.map(lambda x: x.reshape(k, -1, *x.shape[1:]), batch)
 
   def body(carry, sub_i):
     sub, i = sub_i
     _, g = grad_fn(state.params, sub, jax.random.fold_in(rng, i + 1000))
-    g = sp.sparsifier.flatten(g)
+    g = sp.trees.flatten(g)
     total, sq = carry
     total = {p: total[p] + g[p] for p in paths}
     sq = {p: sq[p] + jnp.sum(jnp.square(g[p])) for p in paths}

@@ -36,7 +36,7 @@ def _config(data_dir, recipe='srste,1:4', **kw):
 
 
 def _flat(tree):
-  return sp.sparsifier.flatten(tree)
+  return sp.trees.flatten(tree)
 
 
 def _with_random_head(state):

@@ -28,13 +28,13 @@ import dataclasses
 import re
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pgf.sparsity import core
+from pgf.sparsity import transforms
 from pgf.sparsity.layers import SparseKernel
 from pgf.sparsity.masks import NM
 from pgf.sparsity.masks import check_groupable
@@ -43,6 +43,8 @@ from pgf.sparsity.schedules import GroupSpec
 from pgf.sparsity.schedules import LayerRule
 from pgf.sparsity.schedules import SparsityPlan
 from pgf.sparsity.schedules import SparsitySchedule
+from pgf.sparsity.trees import flatten
+from pgf.sparsity.trees import unflatten
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,16 +83,6 @@ class KernelSite:
 
 def _is_box(x) -> bool:
   return isinstance(x, nn.Partitioned)
-
-
-def flatten(tree) -> dict[str, Any]:
-  """'/'-joined paths -> leaves (boxes count as leaves)."""
-  return flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(tree), sep='/', is_leaf=lambda _, x: _is_box(x))
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  return flax.traverse_util.unflatten_dict(dict(flat), sep='/')
 
 
 def _site(path: str, leaf) -> KernelSite:
@@ -379,7 +371,6 @@ class Sparsifier:
     """The recipes' gradient changes as one optax transform (SR-STE refill,
     MdGf 'scaled'); `update(..., step=, plan=None)`. Place it first in the
     chain, on the raw gradient."""
-    from pgf.sparsity import transforms  # transforms takes a Sparsifier.
     return transforms.recipe_gradients(self)
 
 

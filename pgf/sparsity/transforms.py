@@ -1,8 +1,8 @@
 """Optax transforms for the recipes' gradient changes (docs/recipes.md
 section 2).
 
-Each is built from a `Sparsifier` (which kernels, which groups, the
-schedule) and takes the step as an extra argument of `update` (optax's
+Each is built from a `pgf.sparsity.Sparsifier` (which kernels, which groups,
+the schedule) and takes the step as an extra argument of `update` (optax's
 GradientTransformationExtraArgs protocol, so they chain with clipping and
 AdamW):
 
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pgf.sparsity import sparsifier as sparsifier_lib
+from pgf.sparsity import trees
 
 
 def _transform(sparsifier, uses: Callable, fn: Callable, name: str
@@ -44,14 +44,14 @@ def _transform(sparsifier, uses: Callable, fn: Callable, name: str
     values = sparsifier.schedule.values(step)
 
     def with_plan(p, updates, params):
-      flat_u = sparsifier_lib.flatten(updates)
-      flat_w = sparsifier_lib.flatten(params)
+      flat_u = trees.flatten(updates)
+      flat_w = trees.flatten(params)
       masks = sparsifier.masks(params, p)
       for path, (rule, _) in sparsifier.matched(p).items():
         if rule.group in groups:
           flat_u[path] = fn(flat_u[path], flat_w[path], masks[path],
                             values[rule.group])
-      return sparsifier_lib.unflatten(flat_u)
+      return trees.unflatten(flat_u)
 
     if plan is not None:
       out = with_plan(plan, updates, params)
