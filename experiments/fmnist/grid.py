@@ -24,8 +24,9 @@ are compared seed by seed (paired). Cells, in the order they run:
     variance and noise-to-signal (Figure 3 of the paper).
 
 Scale 'gpu': the same cells on a 'wide/4' ViT (width 256, 4 blocks, MLP
-1024) with more seeds, plus SdGf-Geometric at 1:32 (its 8:256 frame fits),
-for one H100/H200 (scripts/gpu_study.sh).
+1024), batch 256, with more seeds, plus SdGf-Geometric at 1:32 (its 8:256
+frame fits), for one H100/H200 (scripts/gpu_study.sh). Scale 'smoke': 8
+steps, one seed, to check the scripts.
 """
 
 import functools
@@ -35,10 +36,13 @@ from pgf.study import Cell
 from pgf.study import Grid
 
 CONFIG = 'configs/fmnist_vit.py'
+SMOKE = {'total_steps': '8', 'log_every': '4', 'eval_every': '4',
+         'checkpoint_every': '4'}
 SCALES = {
     # scale: overrides of every cell, seeds (core, other)
     'cpu': ({}, 5, 3),
-    'gpu': ({'model.variant': 'wide/4'}, 8, 5),
+    'gpu': ({'model.variant': 'wide/4', 'batch_size': 256}, 8, 4),
+    'smoke': (SMOKE, 1, 1),  # A seconds-long check of the scripts.
 }
 
 
@@ -49,13 +53,16 @@ def iso_flops_steps(scale: str, nm: str) -> int:
   from pgf import flops
   from pgf import step
   from pgf.configs import fmnist_vit
-  overrides = SCALES[scale][0]
+  overrides = _base_overrides(scale)
 
   def config(recipe):
     c = fmnist_vit.get_config(f'{recipe},{nm}')
-    for k, v in overrides.items():
-      section, _, name = k.rpartition('.')
-      c[section][name] = v
+    for key, value in overrides.items():
+      *parents, name = key.split('.')
+      node = c
+      for part in parents:
+        node = node[part]
+      node[name] = value
     return c
 
   mdgf = config('mdgf_exp')
@@ -69,9 +76,36 @@ def iso_flops_steps(scale: str, nm: str) -> int:
   return int(srste.total_steps)
 
 
+def _steps(overrides) -> int:
+  if 'total_steps' in overrides:
+    return int(overrides['total_steps'])
+  from pgf.configs import fmnist_vit
+  batch = overrides.get('batch_size', 128)
+  return fmnist_vit.EPOCHS * (60_000 // batch)
+
+
+def _rescaled(scale: str) -> bool:
+  from pgf.configs import fmnist_vit
+  return _steps(SCALES[scale][0]) != fmnist_vit.EPOCHS * (60_000 // 128)
+
+
+def _base_overrides(scale: str) -> dict:
+  """The scale's overrides; where its run length is not the config's, with
+  MdGf's coefficient for that length (alpha 0.01 at 60 % of the run)."""
+  from pgf.configs import fmnist_vit
+  overrides = dict(SCALES[scale][0])
+  if _rescaled(scale):
+    overrides['sparsity.ff.decay'] = fmnist_vit.decay_for(
+        'mdgf_exp', _steps(overrides))
+  return overrides
+
+
 def get_grid(scale: str) -> Grid:
-  overrides, core_seeds, other_seeds = SCALES[scale]
+  from pgf.configs import fmnist_vit
+  _, core_seeds, other_seeds = SCALES[scale]
   core, other = range(core_seeds), range(other_seeds)
+  overrides = _base_overrides(scale)
+  steps, rescaled = _steps(overrides), _rescaled(scale)
   base = Base(CONFIG, 'dense,1:32', overrides=overrides)
   cells = [Cell('dense', 'dense', priority=9)]
   for nm in ('2:4', '1:32'):
@@ -81,8 +115,11 @@ def get_grid(scale: str) -> Grid:
     cells.append(Cell(f'mdgf_exp_{tag}', f'mdgf_exp,{nm}',
                       references=(f'srste_{tag}', 'dense'), priority=9))
   for recipe in ('ste', 'mdgf_linear', 'sdgf_stepwise'):
+    extra = ({'sparsity.ff.decay': fmnist_vit.decay_for(recipe, steps)}
+             if recipe == 'mdgf_linear' and rescaled else {})
     cells.append(Cell(f'{recipe}_1to32', f'{recipe},1:32', seeds=other,
-                      references=('srste_1to32', 'dense'), priority=5))
+                      overrides=extra, references=('srste_1to32', 'dense'),
+                      priority=5))
   iso = iso_flops_steps(scale, '1:32')
   cells.append(Cell(
       'srste_1to32_isoflops', 'srste,1:32', recipe='srste_isoflops',
@@ -92,7 +129,7 @@ def get_grid(scale: str) -> Grid:
     refs = () if recipe == 'srste' else ('srste_1to8', 'dense')
     cells.append(Cell(f'{recipe}_1to8', f'{recipe},1:8', seeds=other,
                       references=refs, priority=3))
-  if scale != 'cpu':
+  if scale == 'gpu':
     # The wider model holds SdGf-Geometric's first 1:32 frame, 8:256.
     cells.append(Cell('sdgf_geometric_1to32', 'sdgf_geometric,1:32',
                       seeds=other, references=('srste_1to32', 'dense'),

@@ -23,6 +23,9 @@ SCALES = {
     'cpu': ({}, 3),
     'gpu': ({'model.variant': 'micro', 'data.inputs_length': 128,
              'data.targets_length': 32, 'batch_size': 64}, 5),
+    'smoke': ({'total_steps': '8', 'log_every': '4', 'eval_every': '4',
+               'checkpoint_every': '4',
+               'data.eval_split': 'validation[:20]'}, 1),
 }
 
 
