@@ -30,9 +30,9 @@ def parse_arg(arg: str | None, *, recipe: str, nm: str,
       nm = token
     else:
       raise ValueError(
-          f'Config argument {token!r} is not a recipe ({tuple(recipes.RECIPES)}'
-          f"), an N:M pattern like '1:16', or one of "
-          f"{('runlocal',) + tuple(extra)}.")
+          f'Config argument {token!r} is not a recipe '
+          f'({", ".join(recipes.RECIPES)}), an N:M pattern like 1:16, or '
+          f'one of: {", ".join(("runlocal",) + tuple(extra))}.')
   n, m = (int(x) for x in nm.split(':'))
   return recipe, n, m, flags
 

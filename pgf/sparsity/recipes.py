@@ -23,14 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
-import math
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 # alpha(t, c, xp): t steps since the sparse phase began (t >= 0), c the
 # group's decay coefficient, xp the array module (jax.numpy inside the
-# jitted step, math-compatible numpy on the host for FLOPs accounting).
+# jitted step, numpy on the host for FLOPs accounting).
 AlphaFn = Callable[[Any, float, Any], Any]
 
 
@@ -79,8 +79,9 @@ class Recipe:
     return self.alpha_fn(t, decay, xp)
 
   def alpha_host(self, t: int, decay: float) -> float:
-    """alpha as a Python float (FLOPs accounting, logs)."""
-    return float(self.alpha_fn(t, decay, _HostMath))
+    """alpha as a Python float (FLOPs accounting, logs): the same formula in
+    NumPy, float32 like the jitted step."""
+    return float(self.alpha_fn(t, np.float32(decay), np))
 
   def steps_until(self, alpha: float, decay: float) -> int | None:
     """First t with alpha(t) <= `alpha` (None: alpha never gets there).
@@ -103,25 +104,6 @@ class Recipe:
       else:
         lo = mid + 1
     return lo
-
-
-class _HostMath:
-  """The few array functions alpha_fn uses, on Python floats."""
-
-  float32 = float
-
-  @staticmethod
-  def asarray(x, dtype=None):
-    del dtype
-    return float(x)
-
-  @staticmethod
-  def zeros_like(x):
-    del x
-    return 0.0
-
-  maximum = staticmethod(max)
-  exp = staticmethod(math.exp)
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
