@@ -520,3 +520,159 @@ def make_eval_iterable(config, *, global_batch_size: int, process_index: int,
   ds = ds.map(_with_mask).batch(global_batch_size)
   return ds.map(_ProcessSlice(global_batch_size, process_index,
                               process_count))
+
+
+# ---- Causal language modelling rows (pgf.tasks.causal_lm) --------------------
+#
+# GPT-2 / nanoGPT style: every document is tokenized whole and followed by
+# EOS (GPT-2's <|endoftext|> between documents), the documents of the stream
+# are concatenated and split into rows of L + 1 tokens (grain's
+# ConcatThenSplit, as span corruption's), and each row gives
+#   'decoder_input_tokens'  int32 [L]   row[:-1]
+#   'decoder_target_tokens' int32 [L]   row[1:], the next token of each input
+#   'decoder_loss_weights'  float32 [L] 1 on real targets (0 on the padding
+#                           of the stream's last row)
+# (the names of seqio's LMFeatureConverter; L = data.targets_length, as its
+# task_feature_lengths={'targets': L}). Rows do not overlap, so the pair
+# (row[L], next row[0]) is no target: 1 / (L + 1) of the stream's pairs.
+# Train and eval order, seeding, process slices and resumption are those of
+# span corruption (module docstring); rows with no target are dropped.
+
+
+class _TokenizeDocument(grain.MapTransform):
+  """Document -> {'tokens': int32 [n]}, the whole document (a language model
+  keeps it all, unlike T5's random 65,536-token chunk)."""
+
+  def __init__(self, vocab: vocab_lib.Vocabulary, text_key: str):
+    self.vocab = vocab
+    self.text_key = text_key
+
+  def map(self, element):
+    text = element[self.text_key]
+    if isinstance(text, bytes):
+      text = text.decode('utf-8')
+    return {'tokens': np.asarray(self.vocab.encode(text), np.int32)}
+
+
+class _AppendEos(grain.MapTransform):
+
+  def __init__(self, eos_id: int):
+    self.eos_id = eos_id
+
+  def map(self, element):
+    return {'tokens': np.append(element['tokens'], self.eos_id).astype(
+        np.int32)}
+
+
+def _has_target(element) -> bool:
+  return np.count_nonzero(element['tokens_segment_ids']) >= 2
+
+
+def lm_features(element) -> dict[str, np.ndarray]:
+  """A ConcatThenSplit row {'tokens', 'tokens_segment_ids'} of L + 1 tokens
+  -> the inputs, next-token targets and loss weights of length L."""
+  tokens = element['tokens'].astype(np.int32)
+  real = element['tokens_segment_ids'] > 0
+  return {'decoder_input_tokens': tokens[:-1],
+          'decoder_target_tokens': tokens[1:],
+          'decoder_loss_weights': real[1:].astype(np.float32)}
+
+
+def lm_rows(documents: grain.MapDataset, vocab: vocab_lib.Vocabulary, *,
+            text_key: str, length: int) -> grain.IterDataset:
+  """Documents {text_key: str | bytes} -> causal-LM rows of `length` inputs
+  (see the comment above); empty documents are skipped."""
+  ds = documents.map(_TokenizeDocument(vocab, text_key)).filter(_not_empty)
+  ds = ds.map(_AppendEos(vocab.eos_id))
+  ds = _ConcatThenSplit(ds.to_iter_dataset(), length + 1)
+  return ds.filter(_has_target).map(lm_features)
+
+
+def _lm_length(config) -> int:
+  length = config.data.targets_length
+  if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+    raise ValueError(f'data.targets_length={length!r} (the causal-LM row '
+                     'length) must be a positive integer.')
+  return length
+
+
+def lm_check_available(config) -> None:
+  """check_available of the causal-LM rows: the dataset (pgf_pydoc prepared
+  on the spot), its text feature and splits, the vocabulary and length."""
+  _prepared_builder(config)
+  vocab_lib.get_vocabulary(config)
+  _lm_length(config)
+
+
+def _lm_info(num_train: int, num_eval: int, vocab_size: int,
+             length: int) -> DataInfo:
+  spec = {'decoder_input_tokens': ((length,), np.dtype(np.int32)),
+          'decoder_target_tokens': ((length,), np.dtype(np.int32)),
+          'decoder_loss_weights': ((length,), np.dtype(np.float32))}
+  return DataInfo(
+      num_train_examples=num_train, num_eval_examples=num_eval,
+      num_classes=0, train_spec=spec,
+      eval_spec={**spec, 'mask': ((), np.dtype(np.float32))},
+      vocab_size=vocab_size)
+
+
+def lm_dataset_info(config) -> DataInfo:
+  """DataInfo of the causal-LM rows; examples count documents."""
+  builder = _prepared_builder(config)
+  splits, d = builder.info.splits, config.data
+  return _lm_info(splits[d.train_split].num_examples,
+                  splits[d.eval_split].num_examples,
+                  vocab_lib.get_vocabulary(config).vocab_size,
+                  _lm_length(config))
+
+
+def lm_published_info(config, num_train: int, num_eval: int,
+                      num_classes: int) -> DataInfo:
+  """DataInfo from published sizes (dry runs without the data), with the
+  vocabulary size `published_info` finds."""
+  vocab_size = published_info(config, num_train, num_eval,
+                              num_classes).vocab_size
+  return _lm_info(num_train, num_eval, vocab_size, _lm_length(config))
+
+
+def _lm_split_rows(config, split: str, *, train: bool) -> grain.IterDataset:
+  d = config.data
+  source = tfds.data_source(d.name, split=split,
+                            data_dir=builders.config_data_dir(config),
+                            download=False)
+  ds = grain.MapDataset.source(source)
+  if train:
+    ds = ds.seed(data_seed(config)).shuffle().repeat(None)
+  return lm_rows(ds, vocab_lib.get_vocabulary(config), text_key=d.text_key,
+                 length=_lm_length(config))
+
+
+def make_lm_train_iterator(config, *, global_batch_size: int,
+                           process_index: int, process_count: int
+                           ) -> grain.DatasetIterator:
+  """Infinite iterator of this process's causal-LM batches; the documents
+  reshuffled each epoch from the data seed, every process computing the
+  whole global batch and keeping its slice (as `make_train_iterator`), so
+  `get_state()` / `set_state()` resume bit-exactly."""
+  lm_check_available(config)
+  local_batch_size(global_batch_size, process_count)
+  ds = _lm_split_rows(config, config.data.train_split, train=True)
+  ds = ds.batch(global_batch_size, drop_remainder=True)
+  ds = ds.map(_ProcessSlice(global_batch_size, process_index, process_count))
+  if config.data.num_workers:
+    ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+  return iter(ds)
+
+
+def make_lm_eval_iterable(config, *, global_batch_size: int,
+                          process_index: int, process_count: int
+                          ) -> grain.IterDataset:
+  """This process's batches of one pass over the eval split's causal-LM
+  rows, in document order, with a 'mask' float32 [b] (as
+  `make_eval_iterable`)."""
+  lm_check_available(config)
+  ds = _lm_split_rows(config, config.data.eval_split, train=False)
+  ds = ds.map(_with_mask).batch(global_batch_size)
+  return ds.map(_ProcessSlice(global_batch_size, process_index,
+                              process_count))
