@@ -51,7 +51,8 @@ def _groups(x, axes, m):
   moved last and cut into consecutive runs of m (written independently of
   masks.py's reshape)."""
   x = np.asarray(x)
-  axes = (axes,) if isinstance(axes, int) else tuple(a % x.ndim for a in axes)
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  axes = tuple(sorted(a % x.ndim for a in axes))
   perm = [a for a in range(x.ndim) if a not in axes] + list(axes)
   return np.transpose(x, perm).reshape(-1, m)
 
@@ -172,6 +173,186 @@ def test_bfloat16_kernel():
       nm_mask_reference(np.asarray(w.astype(jnp.float32)), NM(2, 8), 0))
 
 
+# -- every pattern, every group layout, hard inputs ----------------------------
+
+# The targets and the SdGf frames of the recipes (stepwise: (M-1):M, M/2:M,
+# M/4:M, ...; geometric: 8N:8M, 4N:4M, 2N:2M) with M up to 256, plus patterns
+# that exercise the odd corners (M not a power of two, words and chunks that
+# are only partly used, the sort path for long lists in wide groups).
+ALL_PATTERNS = [
+    (1, 2), (1, 3), (2, 3), (2, 4), (1, 4), (3, 4), (1, 8), (2, 8), (3, 8),
+    (4, 8), (5, 8), (7, 8), (1, 16), (2, 16), (4, 16), (8, 16), (15, 16),
+    (2, 6), (5, 12), (1, 32), (2, 32), (4, 32), (8, 32), (16, 32), (31, 32),
+    (3, 48), (1, 48), (1, 64), (2, 64), (4, 64), (8, 64), (32, 64), (63, 64),
+    (4, 96), (1, 128), (8, 128), (16, 128), (64, 128), (127, 128), (3, 192),
+    (1, 256), (8, 256), (16, 256),
+]
+
+# name -> (group axes, shape for M): every way a pgf layer groups its kernel.
+LAYOUTS = {
+    'dense_in': (0, lambda m: (2 * m, 6)),
+    'qkv_in': (0, lambda m: (m, 3, 4)),
+    'out_in': ((0, 1), lambda m: _split2(2 * m) + (5,)),
+    'out_in_neg': ((-3, -2), lambda m: _split2(m) + (4,)),
+    'dense_out': (1, lambda m: (5, 2 * m)),
+    'qkv_out': ((1, 2), lambda m: (3,) + _split2(m)),
+    'out_out_neg': (-1, lambda m: (3, 2, 2 * m)),
+}
+# Groups over 8 compile slowly (a network per pattern): these cover their
+# code paths (contraction / output axes, straddling heads; both dtypes).
+WIDE_LAYOUTS = (('dense_in', np.float32), ('dense_in', jnp.bfloat16),
+                ('dense_out', np.float32), ('dense_out', jnp.bfloat16),
+                ('out_in', np.float32))
+
+
+def _split2(length):
+  """(heads, head_dim) of `length` with heads > 1 where possible, so that
+  groups straddle heads."""
+  heads = max(h for h in (1, 2, 3, 4) if length % h == 0)
+  return heads, length // heads
+
+
+def _ungroup(groups, shape, axes):
+  """Inverse of `_groups`: the (num_groups, m) rows written into `shape`."""
+  ndim = len(shape)
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  axes = tuple(sorted(a % ndim for a in axes))
+  perm = [a for a in range(ndim) if a not in axes] + list(axes)
+  x = groups.reshape([shape[a] for a in perm])
+  return np.transpose(x, np.argsort(perm))
+
+
+def _hard_groups(rng, num, m):
+  """`num` groups of `m` magnitudes, cycling through kinds that break naive
+  selections: Gaussian, small integers with +-0 (many ties), one repeated
+  magnitude with random signs, every value twice, +-inf/NaN/float32 max
+  among Gaussians, denormals and zeros, and a plateau of equal values that
+  straddles the N-th place."""
+  f32 = np.finfo(np.float32)
+  rows = []
+  for i in range(num):
+    kind = i % 7
+    if kind == 0:
+      row = rng.normal(size=m)
+    elif kind == 1:
+      row = rng.integers(-2, 3, size=m).astype(np.float64)
+      row[rng.random(m) < 0.2] = -0.0
+    elif kind == 2:
+      row = np.full(m, 1.5) * rng.choice([-1, 1], size=m)
+    elif kind == 3:
+      row = rng.permutation(np.repeat(rng.normal(size=(m + 1) // 2), 2)[:m])
+    elif kind == 4:
+      row = rng.normal(size=m)
+      special = [np.inf, -np.inf, np.nan, f32.max, -f32.max]
+      spots = rng.choice(m, size=min(m, 3), replace=False)
+      row[spots] = rng.choice(special, size=spots.size)
+    elif kind == 5:
+      row = rng.choice([0.0, -0.0, 1e-45, -2e-45, 3e-45, 1e-40, -1e-39],
+                       size=m)
+    else:
+      row = np.where(rng.random(m) < 0.3, rng.normal(size=m) * 4, 0.5)
+    rows.append(row)
+  return np.stack(rows)
+
+
+def _check_mask(mask, w, nm, axes, what):
+  mask = np.asarray(mask)
+  ref = nm_mask_reference(w, nm, axes)
+  assert mask.dtype == bool and mask.shape == w.shape, what
+  np.testing.assert_array_equal(mask, ref, err_msg=what)
+  assert (_groups(mask, axes, nm.m).sum(axis=1) == nm.n).all(), what
+
+
+def _cases(n, m, seed_text):
+  rng = np.random.default_rng(zlib.crc32(seed_text.encode()))
+  if m <= 8:
+    layouts = [(name, d) for name in sorted(LAYOUTS)
+               for d in (np.float32, jnp.bfloat16)]
+  else:
+    layouts = WIDE_LAYOUTS
+  cases = []
+  for name, dtype in layouts:
+    axes, shape_fn = LAYOUTS[name]
+    shape = shape_fn(m)
+    groups = _hard_groups(rng, int(np.prod(shape)) // m, m)
+    w = _ungroup(groups, shape, axes).astype(np.float32)
+    cases.append((f'{name} {shape} {jnp.dtype(dtype).name}', axes,
+                  np.asarray(jnp.asarray(w, dtype))))
+  return cases
+
+
+@pytest.mark.parametrize('n,m', ALL_PATTERNS, ids=lambda v: str(v))
+def test_every_pattern_and_layout_equals_reference(n, m):
+  """Exact equality with the NumPy reference for every recipe pattern, every
+  group layout (contraction and output axes, straddling heads, negative
+  axes), float32 and bfloat16, on groups full of ties, zeros, denormals,
+  inf and NaN. Under jit: one compilation per pattern."""
+  nm = NM(n, m)
+  cases = _cases(n, m, f'every {n}:{m}')
+  masks = jax.jit(lambda ws: [nm_mask(w, nm, axes) for (_, axes, _), w
+                              in zip(cases, ws)])([w for *_, w in cases])
+  for (what, axes, w), mask in zip(cases, masks):
+    _check_mask(mask, w, nm, axes, what)
+
+
+@pytest.mark.parametrize('n,m', [(2, 4), (1, 16), (15, 16), (8, 64),
+                                 (8, 128)], ids=lambda v: str(v))
+def test_eager_equals_reference(n, m):
+  nm = NM(n, m)
+  for what, axes, w in _cases(n, m, f'eager {n}:{m}')[:2]:
+    _check_mask(nm_mask(jnp.asarray(w), nm, axes), w, nm, axes, what)
+
+
+def test_all_equal_groups_keep_the_first_n():
+  """Plateaus in every word and chunk of a wide group: the lowest indices
+  win, also in drop mode (N > M/2) and when the plateau is split."""
+  for n, m in [(3, 4), (2, 8), (5, 16), (40, 64), (8, 128), (100, 128),
+               (1, 64), (63, 64)]:
+    w = np.full((m, 3), -2.0, np.float32)
+    w[:, 2] = np.where(np.arange(m) % 3 == 0, 5.0, 2.0)   # plateau of 2.0
+    mask = np.asarray(jax.jit(lambda w, n=n, m=m: nm_mask(w, NM(n, m)))(w))
+    np.testing.assert_array_equal(mask, nm_mask_reference(w, NM(n, m)))
+    np.testing.assert_array_equal(mask[:, 0], np.arange(m) < n)
+
+
+def test_inf_and_nan_rank_as_float32_max():
+  """inf and NaN weights tie with the largest finite float32 (lowest index
+  wins); a bfloat16 inf (or NaN) still beats the largest finite bfloat16."""
+  top = np.finfo(np.float32).max
+  cols = np.array([[1.0, top, 0.0],
+                   [np.nan, -np.inf, np.inf],
+                   [3.0, np.nan, -np.nan],
+                   [np.inf, 2.0, 5.0]], np.float32)
+  want = {1: [[0, 1, 0], [1, 0, 1], [0, 0, 0], [0, 0, 0]],
+          2: [[0, 1, 0], [1, 1, 1], [0, 0, 1], [1, 0, 0]],
+          3: [[0, 1, 0], [1, 1, 1], [1, 1, 1], [1, 0, 1]]}
+  for n, expected in want.items():
+    mask = np.asarray(nm_mask(jnp.asarray(cols), NM(n, 4)))
+    np.testing.assert_array_equal(mask, np.array(expected, bool))
+    np.testing.assert_array_equal(mask, nm_mask_reference(cols, NM(n, 4)))
+  big = float(jnp.finfo(jnp.bfloat16).max)
+  w = jnp.asarray([[big], [np.inf], [np.nan], [0.0]], jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(nm_mask(w, NM(1, 4)))[:, 0],
+                                [False, True, False, False])
+  np.testing.assert_array_equal(np.asarray(nm_mask(w, NM(2, 4)))[:, 0],
+                                [False, True, True, False])
+  np.testing.assert_array_equal(nm_mask(w, NM(2, 4)),
+                                nm_mask_reference(np.asarray(w), NM(2, 4)))
+
+
+def test_denormals_are_ordered_exactly():
+  """Magnitudes are compared as integers: a float compare that flushes
+  denormals to zero would see ties here."""
+  w = np.array([0.0, 1e-45, -0.0, -3e-45, 2e-45, 0.0, 0.0, 1e-44],
+               np.float32)[:, None]
+  for n in (1, 2, 3, 6, 7):
+    mask = np.asarray(nm_mask(jnp.asarray(w), NM(n, 8)))
+    np.testing.assert_array_equal(mask, nm_mask_reference(w, NM(n, 8)))
+  np.testing.assert_array_equal(
+      np.asarray(nm_mask(jnp.asarray(w), NM(2, 8)))[:, 0],
+      [0, 0, 0, 1, 0, 0, 0, 1])
+
+
 # -- errors -------------------------------------------------------------------
 
 
@@ -187,6 +368,15 @@ def test_indivisible_length_names_layer_shape_and_m():
     nm_mask(jnp.zeros((3, 4, 16)), NM(2, 8), (0, 1), name='attn/out/kernel')
   with pytest.raises(ValueError, match=r'not divisible by M=32'):
     nm_mask_reference(np.zeros((16, 2)), NM(1, 32), 0)
+
+
+@pytest.mark.parametrize('axes,shape', [((0, 1), (3, 4, 16)), (-1, (16, 12)),
+                                        ((1, 2), (16, 3, 2)), (0, (12, 3))])
+def test_indivisible_length_raises_for_every_layout(axes, shape):
+  with pytest.raises(ValueError, match=r'not divisible by M=8 \(pattern 1:8\)'):
+    nm_mask(jnp.zeros(shape), NM(1, 8), axes)
+  with pytest.raises(ValueError, match=r'not divisible by M=8'):
+    jax.jit(lambda w: nm_mask(w, NM(1, 8), axes))(jnp.zeros(shape))
 
 
 @pytest.mark.parametrize('n,m,shown', [(5, 4, '5:4'), (0, 4, '0:4'),
