@@ -372,7 +372,8 @@ def evaluate(s: Setup, eval_fn, state: TrainState, workdir: str
       totals[k] = totals.get(k, 0.0) + float(v)
     if first is None:
       first = local
-  out = {f'eval/{k}': v for k, v in tasks.mean_of_sums(totals).items()}
+  out = {f'eval/{k}': v for k, v in s.task.eval_metrics(
+      tasks.mean_of_sums(totals)).items()}
   if first is not None and jax.process_index() == 0:
     s.task.eval_examples(
         s.task.build_model(plan),

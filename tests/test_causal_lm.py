@@ -353,6 +353,7 @@ def test_every_recipe_trains_gpt_on_every_role(data_dir, tmp_path, recipe):
   final = train_lib.train_and_evaluate(c, workdir)
   assert np.isfinite(final['eval/loss'])
   assert 0 <= final['eval/accuracy'] <= 1
+  assert final['eval/perplexity'] == pytest.approx(math.exp(final['eval/loss']))
   last = [r for r in read_jsonl(workdir) if 'train/loss' in r][-1]
   assert last['step'] == 4
   masked = recipes.RECIPES[recipe].masked

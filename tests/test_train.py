@@ -317,3 +317,11 @@ def test_killed_after_last_checkpoint_still_reports_results(data_dir,
   for key in ('eval/loss', 'eval/accuracy'):
     assert again[key] == full[key]
   assert read_jsonl(workdir) == log  # Nothing logged twice.
+
+
+def test_dry_run_t5_base_needs_no_vocabulary_file():
+  # The standard T5 vocabulary is not here: the dry run uses its published
+  # size and prints the T5-Base count.
+  r = _cli('--config=configs/t5_base.py', '--dry_run')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert '247,577,856' in r.stdout

@@ -18,7 +18,8 @@ class Task:
 
   Class attributes:
     name: the `config.task` value.
-    pipeline: the data module (`pgf.data.images`, `pgf.data.text`, ...) with
+    pipeline: the data module or namespace (`pgf.data.images`,
+      `pgf.data.text`, ...) with
       check_available(config), dataset_info(config), published_info(config,
       num_train, num_eval, num_classes), make_train_iterator(config, *,
       global_batch_size, process_index, process_count) and
@@ -86,6 +87,11 @@ class Task:
     raise NotImplementedError
 
   # -- host side ---------------------------------------------------------------
+
+  def eval_metrics(self, means: dict[str, float]) -> dict[str, float]:
+    """Evaluation metrics from the means of `eval_sums` (e.g. perplexity from
+    the loss); the means themselves by default."""
+    return means
 
   def eval_examples(self, model: nn.Module,
                     hard_params: Callable[[], Any], batch: Mapping,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from absl import logging
@@ -44,9 +45,6 @@ class SpanCorruption(base.Task):
 
   def __init__(self, config, info):
     super().__init__(config, info)
-    from pgf.data import vocab as vocab_lib  # Text-only dependency.
-    # Ids below this are text; the sentinels sit above it.
-    self.base_vocab_size = vocab_lib.get_vocabulary(config).base_vocab_size
     if config.model.vocab_size < info.vocab_size:
       raise ValueError(
           f'model.vocab_size={config.model.vocab_size} is smaller than the '
@@ -86,6 +84,13 @@ class SpanCorruption(base.Task):
     denom = jnp.maximum(w.sum(), 1.0)
     mean = (loss * w).sum() / denom
     return mean, {'loss': mean, 'accuracy': (correct * w).sum() / denom}
+
+  @functools.cached_property
+  def base_vocab_size(self) -> int:
+    """Ids below this are text; the sentinels sit above it (read when first
+    needed, so a dry run needs no vocabulary file)."""
+    from pgf.data import vocab as vocab_lib  # Text-only dependency.
+    return vocab_lib.get_vocabulary(self.config).base_vocab_size
 
   def eval_sums(self, logits, batch):
     """Sums over target tokens; 'text_accuracy' counts only the tokens of
