@@ -2,18 +2,32 @@
 
 clu's metric writers import TensorFlow, which the default install does not
 have; this writer produces the same TensorBoard event files with
-tensorboardX, and a `metrics.jsonl` with one object per logged step.
+tensorboardX's protos, and a `metrics.jsonl` with one object per logged step.
+
+`metrics.jsonl` is the source of truth. A run killed after logging but
+before its next checkpoint resumes from that checkpoint and logs those steps
+again, so on every (re)start the writer keeps the records up to the resumed
+step and rebuilds the TensorBoard events from them (pgf's own event files in
+`tensorboard/` are replaced): the events hold every logged step exactly
+once, whatever was or was not flushed before the kill. Events are written
+synchronously and flushed with every record. Replayed points carry the
+restart's wall time (metrics.jsonl keeps no times).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import struct
 import time
 
 from absl import logging
 import numpy as np
+
+TENSORBOARD_DIR = 'tensorboard'
+_EVENTS_GLOB = 'events.out.tfevents.*'
 
 
 def read_jsonl(workdir: str) -> list[dict]:
@@ -29,13 +43,12 @@ class MetricWriter:
                resume_step: int | None = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb = None
+    self._events = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    # A run killed after logging but before its next checkpoint resumes from
-    # that checkpoint: drop the lines it will write again, so the file reads
-    # as one uninterrupted run.
+    # Keep the records up to the resumed step (None: a fresh start, none);
+    # later ones will be written again by this run.
     keep = []
     if os.path.exists(self.path):
       with open(self.path) as f:
@@ -45,14 +58,14 @@ class MetricWriter:
           except json.JSONDecodeError:
             continue  # A line cut by the kill.
           if resume_step is not None and record['step'] <= resume_step:
-            keep.append(line if line.endswith('\n') else line + '\n')
+            keep.append(record)
       tmp = self.path + '.tmp'
       with open(tmp, 'w') as f:
-        f.writelines(keep)
+        f.writelines(json.dumps(r) + '\n' for r in keep)
       os.replace(tmp, self.path)
     self._file = open(self.path, 'a')
-    from tensorboardX import SummaryWriter  # Heavy import, only when used.
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._events = _rebuild_events(os.path.join(workdir, TENSORBOARD_DIR),
+                                   keep)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -61,26 +74,83 @@ class MetricWriter:
     for k, v in scalars.items():
       v = float(np.asarray(v))
       clean[k] = v if math.isfinite(v) else str(v)
-      self._tb.add_scalar(k, v, step)
-    self._file.write(json.dumps({'step': int(step), **clean}) + '\n')
+    record = {'step': int(step), **clean}
+    self._file.write(json.dumps(record) + '\n')
     self._file.flush()
+    _write_event(self._events, record)
+    self._events.flush()
     logging.info('[%d] %s', step, ', '.join(
         f'{k}={v:.5g}' if isinstance(v, float) else f'{k}={v}'
         for k, v in clean.items()))
 
-  def write_text(self, step: int, name: str, text: str) -> None:
-    if self.enabled:
-      self._tb.add_text(name, text, step)
-
   def flush(self) -> None:
     if self.enabled:
       self._file.flush()
-      self._tb.flush()
+      self._events.flush()
 
   def close(self) -> None:
     if self.enabled:
       self._file.close()
-      self._tb.close()
+      self._events.close()
+
+
+def _rebuild_events(logdir: str, records: list[dict]):
+  """A fresh event file in `logdir` holding `records`; pgf's earlier event
+  files there are removed (they are derived from metrics.jsonl)."""
+  # A heavy import, and only process 0 needs it.
+  from tensorboardX.event_file_writer import EventsWriter
+  os.makedirs(logdir, exist_ok=True)
+  for path in glob.glob(os.path.join(logdir, _EVENTS_GLOB)):
+    os.remove(path)
+  events = EventsWriter(os.path.join(logdir, 'events'), '.pgf')
+  for record in records:
+    _write_event(events, record)
+  events.flush()
+  return events
+
+
+def _write_event(events, record: dict) -> None:
+  from tensorboardX.proto import event_pb2
+  from tensorboardX.proto import summary_pb2
+  # float(): metrics.jsonl stores nan and inf as strings (JSON has none).
+  values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+            for k, v in record.items() if k != 'step']
+  events.write_event(event_pb2.Event(
+      wall_time=time.time(), step=int(record['step']),
+      summary=summary_pb2.Summary(value=values)))
+
+
+def read_events(logdir: str) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value), ...]} of the scalars of every event file in
+  `logdir`, in file and record order. Reads the TFRecord framing (length,
+  masked CRC-32C of the length, data, masked CRC-32C of the data) with
+  tensorboardX's protos, no TensorFlow; a record cut short or failing its
+  CRC ends its file (a write interrupted by a kill)."""
+  from tensorboardX.proto import event_pb2
+  from tensorboardX.record_writer import masked_crc32c
+  out: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted(glob.glob(os.path.join(logdir, _EVENTS_GLOB))):
+    with open(path, 'rb') as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      header = data[pos:pos + 8]
+      (length,) = struct.unpack('<Q', header)
+      (crc,) = struct.unpack('<I', data[pos + 8:pos + 12])
+      body = data[pos + 12:pos + 12 + length]
+      end = pos + 12 + length + 4
+      if crc != masked_crc32c(header) or end > len(data) or struct.unpack(
+          '<I', data[end - 4:end])[0] != masked_crc32c(body):
+        logging.warning('%s: record at byte %d is cut short or corrupt; '
+                        'the rest of the file is ignored.', path, pos)
+        break
+      event = event_pb2.Event.FromString(body)
+      for value in event.summary.value:
+        if value.WhichOneof('value') == 'simple_value':
+          out.setdefault(value.tag, []).append((event.step,
+                                                value.simple_value))
+      pos = end
+  return out
 
 
 class Progress:

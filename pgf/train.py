@@ -12,27 +12,35 @@ pieces of a step (setup, state, the jitted steps) are in `pgf.step`.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import importlib.util
 import json
 import math
 import os
+import sys
 import time
+from typing import Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
+import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import tensorflow_datasets as tfds
 
 from pgf import checkpointing
+from pgf import config_lib
 from pgf import data as data_lib
 from pgf import metrics as metrics_lib
 from pgf import sharding
 from pgf import sparsity as sp
 from pgf import step as step_lib
 from pgf import tasks
+from pgf import workdir as workdir_lib
 from pgf.sparsity.sparsifier import flatten
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -72,20 +80,72 @@ def read_final_metrics(workdir: str) -> dict | None:
   path = os.path.join(workdir, FINAL_METRICS)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    final = json.load(f)
-  return final if final.get('finished') else None
+  try:
+    with open(path) as f:
+      final = json.load(f)
+  except (OSError, ValueError) as e:
+    # It is written atomically, so this is damage from outside: the rerun
+    # resumes from the last checkpoint and writes the same results again.
+    logging.warning('%s cannot be read (%s); the run is treated as not '
+                    'finished.', path, e)
+    return None
+  return final if isinstance(final, dict) and final.get('finished') else None
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains, evaluates and checkpoints; returns the final metrics."""
-  s = step_lib.setup(config)
+class SetupError(ValueError):
+  """A config or dataset problem found before anything was compiled."""
+
+
+def train_and_evaluate(config, workdir: str, *,
+                       allow_config_change: Sequence[str] = ()
+                       ) -> dict[str, float]:
+  """Trains, evaluates and checkpoints; returns the final metrics.
+
+  Before anything is compiled or written, the workdir is checked
+  (`pgf.workdir`): it must be a directory pgf can write to, not in use by
+  another writer, and hold this config or none yet; keys of
+  `pgf.workdir.SAFE_TO_CHANGE` named in `allow_config_change` may differ.
+  A finished run returns its results and writes nothing. The latest
+  checkpoint that restores is resumed (`Checkpointer.restore_latest`).
+  Process 0 alone writes pgf's files (config.json, the lock, metrics,
+  TensorBoard, final_metrics.json); every process writes its checkpoint
+  shards.
+  """
+  allow = workdir_lib.check_allowed(allow_config_change)
+  try:
+    config_lib.validate_config(config)  # Before the workdir is touched.
+  except ValueError as e:
+    raise SetupError(str(e)) from e
+  # Without jax.distributed this is process 0; asking JAX would start its
+  # backend (and its log lines) before the checks below can fail.
+  primary = (not jax.distributed.is_initialized()
+             or jax.process_index() == 0)
+  workdir_lib.check_usable(workdir, create=False)
   done_before = read_final_metrics(workdir)
-  if done_before is not None and done_before.get('step') == s.run.total:
-    logging.info('%s holds a finished run of %d steps; its results are kept '
-                 'as they are.', workdir, s.run.total)
+  # Read-only: a refused run leaves the workdir as it found it.
+  workdir_lib.check_config(workdir, config, allow=allow)
+  if done_before is not None:
+    logging.info('%s holds a finished run of %s steps; its results are kept '
+                 'as they are.', workdir, done_before.get('step'))
     return {k: v for k, v in done_before.items()
             if k not in ('step', 'finished')}
+  workdir_lib.check_usable(workdir, create=primary)
+  with (workdir_lib.WorkdirLock(workdir) if primary
+        else contextlib.nullcontext()):
+    # Again, now that no other writer can change the workdir.
+    changes = workdir_lib.check_config(workdir, config, allow=allow)
+    try:
+      s = step_lib.setup(config)
+    except ValueError as e:
+      raise SetupError(str(e)) from e
+    if primary and (changes or workdir_lib.read_stored_config(workdir) is None):
+      workdir_lib.write_config(workdir, config, changes)
+    return _train(s, workdir)
+
+
+def _train(s: step_lib.Setup, workdir: str) -> dict[str, float]:
+  """The training loop of `train_and_evaluate`, once the workdir is ours."""
+  config = s.config
   logging.info('Mesh %s; %d processes; run of %d steps (%d per epoch).',
                dict(s.mesh.shape), jax.process_count(), s.run.total,
                s.run.steps_per_epoch)
@@ -96,18 +156,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       config, global_batch_size=config.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
   ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  start = ckpt.latest_step()
+  restored = ckpt.restore_latest(state, train_iter)
   host = {'pending': []}
-  if start is not None:
-    logging.info('Resuming from checkpoint at step %d in %s.', start,
+  if restored is not None:
+    state, host = restored
+    logging.info('Resuming from step %d in %s.', int(state.step),
                  ckpt.directory)
-    state, host = ckpt.restore(start, state, train_iter)
   start = int(state.step)
   writer = metrics_lib.MetricWriter(
       workdir, enabled=jax.process_index() == 0,
-      resume_step=start if ckpt.latest_step() is not None else None)
-  if start == 0:
-    _write_run_info(s, workdir)
+      resume_step=start if restored is not None else None)
 
   train_step = step_lib.make_train_step(s)
   stats_step = step_lib.make_stats_step(s)
@@ -186,14 +244,6 @@ def _flops_summary(s: step_lib.Setup) -> dict[str, float]:
   return {'flops/train': report.total_train,
           'flops/train_dense': report.total_train_dense,
           'flops/inference_per_example': report.inference}
-
-
-def _write_run_info(s: step_lib.Setup, workdir: str) -> None:
-  if jax.process_index():
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(s.config.to_json_best_effort(indent=2))
 
 
 def dry_run(config) -> str:
@@ -275,8 +325,21 @@ def define_flags() -> None:
                       'default: workdirs/<config file name>[_<arg>].')
   flags.DEFINE_bool('dry_run', False, 'Validate the config, describe the run '
                     '(parameters, FLOPs, mesh) and exit without training.')
-  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
-                    'first (multi-host GPU clusters and TPU pods).')
+  flags.DEFINE_list(
+      'allow_config_change', [], 'Config keys that may differ from the '
+      "workdir's config.json when resuming; only keys that cannot change "
+      f'what is trained: {", ".join(workdir_lib.SAFE_TO_CHANGE)}.')
+  flags.DEFINE_bool(
+      'distributed', False, 'Call jax.distributed.initialize() first: with '
+      '--coordinator_address, --num_processes and --process_id, or from the '
+      'cluster environment (TPU pods, Slurm, Open MPI) where they are absent.')
+  flags.DEFINE_string(
+      'coordinator_address', None, 'HOST:PORT where process 0 serves the '
+      'coordinator; every process passes the same. Implies --distributed.')
+  flags.DEFINE_integer('num_processes', None, 'Processes of a multi-process '
+                       'run. Implies --distributed.')
+  flags.DEFINE_integer('process_id', None, "This process's index, 0 to "
+                       '--num_processes - 1. Implies --distributed.')
 
 
 def _default_workdir() -> str:
@@ -286,26 +349,137 @@ def _default_workdir() -> str:
   return os.path.join('workdirs', name + (f'_{arg}' if arg else ''))
 
 
+def _fail(message: str) -> None:
+  """Ends the program with one message on stderr: no traceback, no usage."""
+  sys.stderr.write(f'pgf.train: error: {message}\n')
+  sys.stderr.flush()
+  sys.exit(1)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  """The innermost exception of a chain (absl and ml_collections wrap a
+  config file's error twice, the second time with its traceback as text)."""
+  while True:
+    inner = error.__cause__ or error.__context__
+    if inner is None:
+      return error
+    error = inner
+
+
+def _config_argument(argv: Sequence[str]) -> str:
+  """The value of --config on the command line (or the default)."""
+  value = DEFAULT_CONFIG
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      value = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _unknown_key(argv: Sequence[str]) -> str | None:
+  """Names the first --config.KEY override that the config does not have."""
+  path, _, arg = _config_argument(argv).partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('pgf_config_keys', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None  # The file itself fails; the flag error says how.
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0]
+    node, seen = config, []
+    for part in path.split('.'):
+      where = '.'.join(seen) or 'the config'
+      if not hasattr(node, 'keys'):
+        return (f'{arg}: {where} is a value ({type(node).__name__}), not a '
+                'section of keys.')
+      keys = list(node.keys())
+      if part not in keys:
+        close = difflib.get_close_matches(part, keys, n=3)
+        hint = (f' Did you mean {" or ".join(map(repr, close))}?' if close
+                else '')
+        return (f'{arg}: unknown config key {".".join(seen + [part])!r} '
+                f'({where} has no {part!r}).{hint} Every key is declared, '
+                'with a comment, in configs/base.py.')
+      node = node[part]
+      seen.append(part)
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with one readable line for each way a --config
+  argument can be wrong (absl and ml_collections print tracebacks)."""
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    cause = _root_cause(e)
+    if str(e).startswith('flag --config=') and cause is not e:
+      _fail(f'--config={_config_argument(argv)}: {cause}')
+    _fail(f'{e}. Pass --helpshort for the flags.')
+  except (AttributeError, KeyError, TypeError) as e:
+    # ml_collections raises these for an override of a key the config lacks.
+    _fail(_unknown_key(argv) or f'--config overrides: {e}')
+  if not isinstance(FLAGS.config, ml_collections.ConfigDict):
+    # ml_collections defers a config file's load error to the first access.
+    path = _config_argument(argv).split(':', 1)[0]
+    if not os.path.isfile(path):
+      _fail(f'--config={_config_argument(argv)}: no config file {path!r} '
+            f'(relative paths start at {os.getcwd()}).')
+    try:
+      FLAGS.config.keys()
+    except OSError as e:
+      _fail(f'--config={_config_argument(argv)}: {_root_cause(e)}')
+    _fail(f'--config={_config_argument(argv)}: get_config() returned '
+          f'{type(FLAGS.config).__name__}, not a ConfigDict.')
+  return rest
+
+
+def _initialize_distributed() -> None:
+  """jax.distributed.initialize() with the flags that were given; JAX
+  detects the others from the cluster environment."""
+  given = {name: FLAGS[name].value for name in (
+      'coordinator_address', 'num_processes', 'process_id')
+           if FLAGS[name].value is not None}
+  if not (FLAGS.distributed or given):
+    return
+  try:
+    jax.distributed.initialize(**given)
+  except (ValueError, RuntimeError) as e:
+    args = ', '.join(f'{k}={v!r}' for k, v in given.items())
+    _fail(f'jax.distributed.initialize({args}) failed: '
+          f'{str(e).rstrip(".")}. Outside a '
+          'detected cluster (TPU pod, Slurm, Open MPI), pass '
+          '--coordinator_address=HOST:PORT, --num_processes=N and '
+          '--process_id=I to every process.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.distributed:
-    jax.distributed.initialize()
+  _initialize_distributed()
   tfds.disable_progress_bar()  # Preparing pgf's own datasets is quick.
   quiet = metrics_lib.QuietLibraries()
   for handler in logging.get_absl_logger().handlers + [
       logging.get_absl_handler()]:
     handler.addFilter(quiet)
   config = FLAGS.config
-  try:
-    if FLAGS.dry_run:
+  if FLAGS.dry_run:
+    try:
       print(dry_run(config))
-      return
-    workdir = FLAGS.workdir or _default_workdir()
-    final = train_and_evaluate(config, workdir)
-  except (ValueError, NonFiniteLossError) as e:
-    # One clear message, no traceback, non-zero exit.
-    raise app.UsageError(str(e)) from None
+    except ValueError as e:  # Nothing is compiled by a dry run.
+      _fail(str(e))
+    return
+  workdir = FLAGS.workdir or _default_workdir()
+  try:
+    final = train_and_evaluate(
+        config, workdir, allow_config_change=FLAGS.allow_config_change)
+  except (SetupError, NonFiniteLossError, workdir_lib.WorkdirError,
+          checkpointing.RestoreError) as e:
+    _fail(str(e))
   if jax.process_index() == 0:
     print(f'Done. Results in {os.path.abspath(workdir)}: metrics.jsonl, '
           'final_metrics.json, tensorboard/, checkpoints/.')
@@ -316,4 +490,4 @@ def main(argv):
 if __name__ == '__main__':
   define_flags()
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
