@@ -21,7 +21,9 @@ order of magnitude slower). Per pattern family:
 * otherwise: a sorting network per group finds the K-th largest key
   (K = min(N, M - N)); the decisions become bits of per-group words, ties at
   the threshold resolved by index on the bits, and the words are unpacked
-  into the mask. Groups over 64 are done in chunks of 64.
+  into the mask. Groups over 64 are done in chunks of 64. For K > 32 (or
+  K > 8 in groups over 128) networks get too deep to compile, and a bitwise
+  search over the key bits (31 passes) finds the K-th key instead.
 
 Every step is elementwise across groups (the group is never the vectorised
 axis), which suits GPUs as well; there are no host callbacks and no
@@ -292,43 +294,38 @@ def _select_many(g: jax.Array, n: int) -> jax.Array:
 
   pad = -1 if top else np.iinfo(np.int32).max  # ranks below every key
   size = _list_size(k)
-  whole = size > _MAX_NETWORK or (chunks > 2 and size > _MAX_STORED)
-  if whole:
+  # Chunks of a group become consecutive rows (A * C, chunk[, B]); `groups`
+  # views a per-chunk array as (A, C[, B]) to combine a group's chunks.
+  rows_shape = (shape[0] * chunks, chunk) + shape[2:]
+  groups = lambda x: x.reshape((shape[0], chunks) + x.shape[1:])
+  start = 0
+  if b is not None and chunks > 1:
+    start = chunk * jax.lax.broadcasted_iota(
+        jnp.int32, (shape[0], chunks) + shape[2:], 1).reshape(rows_shape[:1]
+                                                             + shape[2:])
+  cols = [column(g.reshape(rows_shape), j, j + start) for j in range(chunk)]
+  if size > _MAX_NETWORK or (chunks > 2 and size > _MAX_STORED):
     # Lists too long for a network (XLA splits deep ones into hundreds of
-    # fusions: minutes of compilation): a bitwise search, one count of the
-    # group per key bit.
+    # fusions: minutes of compilation): a bitwise search, one count over
+    # the group per key bit. Slow, but rare (K > 32, or K > 8 at M > 128).
     keys = _keys(g)
     if b is not None:
       pos = jax.lax.broadcasted_iota(jnp.int32, g.shape, 1)
       keys = (keys << b) | ((m - 1 - pos) if top else pos)
     t = _kth_by_bits(keys, k, top, 15 + b if b else 31)
-  elif chunks > 1 and size > _MAX_STORED:
-    # Lists too long to store: one network over the whole group.
-    cols = [column(g, j, j) for j in range(m)]
-    t = _stored([_kth_of_lists(_sorted_runs(cols, size, hi, lo, pad), k, hi,
-                               lo)])[0]
-  # Chunks of a group become consecutive rows (A * C, chunk[, B]); `groups`
-  # views a per-chunk array as (A, C[, B]) to combine a group's chunks.
-  g = g.reshape((shape[0] * chunks, chunk) + shape[2:])
-  groups = lambda x: x.reshape((shape[0], chunks) + x.shape[1:])
-  rows = lambda x: x.reshape((shape[0] * chunks,) + x.shape[2:])
-  start = 0
-  if b is not None and chunks > 1:
-    start = rows(chunk * jax.lax.broadcasted_iota(
-        jnp.int32, (shape[0], chunks) + shape[2:], 1))
-  cols = [column(g, j, j + start) for j in range(chunk)]
-  if whole:
-    if chunks > 1:
-      t = rows(jnp.broadcast_to(jnp.expand_dims(t, 1),
-                                (shape[0], chunks) + shape[2:]))
   elif chunks == 1:
+    # In the same fusion as the bits below: the weights are read once.
     t = _kth_of_lists(_sorted_runs(cols, size, hi, lo, pad), k, hi, lo)
+  elif size > _MAX_STORED:
+    # Lists too long to store: one network over the whole group.
+    whole = [column(g, j, j) for j in range(m)]
+    t = _stored([_kth_of_lists(_sorted_runs(whole, size, hi, lo, pad), k,
+                               hi, lo)])[0]
   else:
-    if size <= _MAX_STORED:
-      t = _stored([_kth_of_chunks(cols, k, hi, lo, pad, groups)])[0]
-    # Shared by the chunks of a group.
-    t = rows(jnp.broadcast_to(jnp.expand_dims(t, 1),
-                              (shape[0], chunks) + shape[2:]))
+    t = _stored([_kth_of_chunks(cols, k, hi, lo, pad, groups)])[0]
+  if chunks > 1:   # shared by the chunks of a group
+    t = jnp.broadcast_to(jnp.expand_dims(t, 1), (shape[0], chunks)
+                         + shape[2:]).reshape(rows_shape[:1] + shape[2:])
   if b is not None:
     sel = _pack([(x >= t) if top else (x <= t) for x in cols])
   else:
@@ -338,7 +335,7 @@ def _select_many(g: jax.Array, n: int) -> jax.Array:
       words = _stored(strict + ties)
       strict, ties = words[:len(strict)], words[len(strict):]
     sel = _take_ties(strict, ties, k, chunk, groups if chunks > 1 else None)
-  bits = _unpack(_stored(sel), g.shape, 1).reshape(shape)
+  bits = _unpack(_stored(sel), rows_shape, 1).reshape(shape)
   return bits if top else ~jnp.flip(bits, axis=1)
 
 
