@@ -1,0 +1,349 @@
+r"""Times N:M masks against a one-pass floor, in one process.
+
+  python -m pgf.bench.masks --out=experiments/bench/masks_cpu.json
+  python -m pgf.bench.masks --shapes=vit_b --patterns=2:4,8:64 --repeats=5
+
+Kernels: the ViT-B/16 and T5-Base shapes (T5-Base's attention kernels have
+ViT-B's shapes and are timed once), groups along the contraction axes ('in',
+the default of pgf's layers) and along the output axes ('out'), float32 and
+bfloat16. For each kernel and dtype the jitted masks of every pattern are
+timed round-robin with two references, so that all rows of a kernel share
+the machine's state:
+
+* floor: a jitted `jnp.abs(w) > c`, which reads the kernel and writes a bool
+  array: the same I/O as the mask, one elementwise pass.
+* copy: a large jitted elementwise op (`x * 2 + 1` on 256 MiB, in place),
+  the machine's memory bandwidth (the kernels themselves fit in its L3).
+
+Implementations: `pgf` (pgf.sparsity.nm_mask), `main` (the implementation it
+replaced, kept here as a private copy) and `jaxpruner` (jaxpruner's N:M
+formulation, a double argsort of -|w| along the group axis; its time does not
+depend on N, so it is timed once per M). Compile time is excluded (reported
+separately); each sample is the mean of enough back-to-back calls to last
+--min_sample_ms; min and median over --repeats samples (3 for calls over
+0.1 s). GB/s = (kernel bytes
++ mask bytes) / min time. `agree` checks pgf's mask against jaxpruner's
+(both exact with the lower-index tie rule on these NaN-free kernels).
+The optional `vit_ti_ff` row masks the 24 FF kernels of ViT-Ti/16 (12
+blocks, mlp/wi and mlp/wo) in one jitted call, against one floor over them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgf.sparsity import masks as masks_lib
+from pgf.sparsity.masks import NM
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('shapes', ['vit_b', 't5_base'],
+                  'Kernel sets: vit_b, t5_base, vit_ti_ff.')
+flags.DEFINE_list(
+    'patterns',
+    ['2:4', '1:4', '3:4', '1:8', '2:8', '4:8', '7:8', '1:16', '2:16', '4:16',
+     '8:16', '15:16', '1:32', '4:32', '16:32', '31:32', '1:64', '4:64', '8:64',
+     '32:64', '63:64', '1:128', '8:128', '8:256'],
+    'N:M patterns.')
+flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Kernel dtypes.')
+flags.DEFINE_list('groups', ['in', 'out'],
+                  "Group axes: 'in' (contraction) and/or 'out' (output).")
+flags.DEFINE_list('impls', ['pgf', 'main', 'jaxpruner'], 'Implementations.')
+flags.DEFINE_integer('repeats', 7, 'Interleaved samples per row.')
+flags.DEFINE_float('min_sample_ms', 3.0, 'Minimum duration of one sample.')
+flags.DEFINE_string('out', '', 'JSON output path ('' = no file).')
+
+# set -> {kernel name: (shape, contraction axes, output axes)}.
+KERNELS = {
+    'vit_b': {
+        'mlp/wi': ((768, 3072), (0,), (1,)),
+        'mlp/wo': ((3072, 768), (0,), (1,)),
+        'attn/qkv': ((768, 12, 64), (0,), (1, 2)),
+        'attn/out': ((12, 64, 768), (0, 1), (2,)),
+    },
+    't5_base': {
+        'mlp/wi_0,wi_1': ((768, 2048), (0,), (1,)),
+        'mlp/wo': ((2048, 768), (0,), (1,)),
+        'attn/q,k,v': ((768, 12, 64), (0,), (1, 2)),
+        'attn/o': ((12, 64, 768), (0, 1), (2,)),
+    },
+}
+VIT_TI_FF = [((192, 768), (0,)), ((768, 192), (0,))] * 12
+
+
+# -- the implementation pgf replaced (main branch), kept for comparison -------
+
+
+def _main_nm_mask(w, nm, axes=0):
+  """pgf's nm_mask before the exact narrow-reduction rewrite."""
+  axes = masks_lib.check_groupable(w.shape, nm, axes)
+  n, m = nm.n, nm.m
+  if n == m:
+    return jnp.ones(w.shape, bool)
+  mag = jax.lax.stop_gradient(jnp.abs(w)).astype(jnp.float32)
+  mag = jnp.minimum(mag, jnp.finfo(jnp.float32).max)
+  g = masks_lib._grouped(mag, axes, m)
+  gaxis = axes[0] + 1
+  if m >= 32 and min(n, m - n) > 2:
+    fast, exact = _main_select_by_value(g, n, m, gaxis)
+    keep = jax.lax.cond(exact, lambda: fast,
+                        lambda: _main_select_by_index(g, n, m, gaxis))
+  else:
+    keep = _main_select_by_index(g, n, m, gaxis)
+  return keep.reshape(w.shape)
+
+
+def _main_select_by_index(g, n, m, gaxis):
+  iota_shape = [1] * g.ndim
+  iota_shape[gaxis] = m
+  iota = jnp.arange(m).reshape(iota_shape)
+  if n <= m - n:
+    keep = jnp.zeros(g.shape, bool)
+    for _ in range(n):
+      idx = jnp.argmax(jnp.where(keep, -jnp.inf, g), axis=gaxis,
+                       keepdims=True)
+      keep = keep | (iota == idx)
+    return keep
+  drop = jnp.zeros(g.shape, bool)
+  for _ in range(m - n):
+    rev = jnp.flip(jnp.where(drop, jnp.inf, g), axis=gaxis)
+    idx = m - 1 - jnp.argmin(rev, axis=gaxis, keepdims=True)
+    drop = drop | (iota == idx)
+  return ~drop
+
+
+def _main_select_by_value(g, n, m, gaxis):
+  if n <= m - n:
+    keep = jnp.zeros(g.shape, bool)
+    for _ in range(n):
+      top = jnp.max(jnp.where(keep, -jnp.inf, g), axis=gaxis, keepdims=True)
+      keep = keep | (g == top)
+  else:
+    drop = jnp.zeros(g.shape, bool)
+    for _ in range(m - n):
+      low = jnp.min(jnp.where(drop, jnp.inf, g), axis=gaxis, keepdims=True)
+      drop = drop | (g == low)
+    keep = ~drop
+  return keep, jnp.all(jnp.sum(keep, axis=gaxis) == n)
+
+
+def _jaxpruner_ranks(w, m, axes=0):
+  """Rank of every |w| in its group: argsort(argsort(-|w|)) (stable)."""
+  axes = masks_lib.check_groupable(w.shape, NM(1, m), axes)
+  g = masks_lib._grouped(jnp.abs(w), axes, m)
+  g = jnp.moveaxis(g, axes[0] + 1, -1)
+  ranks = jnp.argsort(jnp.argsort(-g, axis=-1), axis=-1)
+  return jnp.moveaxis(ranks, -1, axes[0] + 1).reshape(w.shape)
+
+
+def _jaxpruner_nm_mask(w, nm, axes=0):
+  """jaxpruner's N:M formulation: argsort(argsort(-|w|)) < N per group."""
+  return _jaxpruner_ranks(w, nm.m, axes) < nm.n
+
+
+IMPLS = {'pgf': masks_lib.nm_mask, 'main': _main_nm_mask,
+         'jaxpruner': _jaxpruner_nm_mask}
+
+
+# -- timing --------------------------------------------------------------------
+
+
+_SLOW_S = 0.1
+_SLOW_REPEATS = 3
+
+
+def _compile(fn, *args):
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _round_robin(calls, repeats, min_sample_s):
+  """calls: name -> (compiled, args). Returns name -> list of seconds."""
+  inner = {}
+  for name, (fn, args) in calls.items():
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    once = time.perf_counter() - start
+    inner[name] = int(min(200, max(1, min_sample_s / max(once, 1e-7))))
+  samples = {name: [] for name in calls}
+  for r in range(repeats):
+    for name, (fn, args) in calls.items():
+      if r >= _SLOW_REPEATS and min(samples[name]) > _SLOW_S:
+        continue   # seconds per call (the argsorts): fewer samples
+      start = time.perf_counter()
+      for _ in range(inner[name]):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      samples[name].append((time.perf_counter() - start) / inner[name])
+  return samples
+
+
+def _stats(seconds):
+  return min(seconds) * 1e3, statistics.median(seconds) * 1e3
+
+
+def _memory_bandwidth(repeats):
+  """GB/s of a jitted elementwise op over 256 MiB (read + write), in place
+  (a fresh 256 MiB output per call would time the page faults)."""
+  x = jnp.arange(64 * 2**20, dtype=jnp.float32)
+  fn = jax.jit(lambda x: x * 2 + 1, donate_argnums=0)
+  x = jax.block_until_ready(fn(x))
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    x = jax.block_until_ready(fn(x))
+    samples.append(time.perf_counter() - start)
+  return 2 * x.nbytes / min(samples) / 1e9
+
+
+def _unique_kernels(sets):
+  """(shape, axes, group kind) -> names, over the requested kernel sets."""
+  kernels = {}
+  for set_name in sets:
+    for name, (shape, axes_in, axes_out) in KERNELS[set_name].items():
+      for kind, axes in (('in', axes_in), ('out', axes_out)):
+        if kind in FLAGS.groups:
+          kernels.setdefault((shape, axes, kind), []).append(
+              f'{set_name}:{name}')
+  return kernels
+
+
+def _bench_kernel(shape, axes, dtype, patterns, impls, rng):
+  w = jnp.asarray(rng.normal(size=shape), dtype)
+  calls, compile_s = {}, {}
+  calls['floor'], _ = _compile(lambda w: jnp.abs(w) > 0.5, w)
+  calls['floor'] = (calls['floor'], (w,))
+  done_m = set()
+  for nm in patterns:
+    for impl in impls:
+      if impl == 'jaxpruner':
+        if nm.m in done_m:
+          continue
+        done_m.add(nm.m)
+      key = (impl, str(nm) if impl != 'jaxpruner' else f'*:{nm.m}')
+      fn, compile_s[key] = _compile(
+          lambda w, f=IMPLS[impl], nm=nm: f(w, nm, axes), w)
+      calls[key] = (fn, (w,))
+  samples = _round_robin(calls, FLAGS.repeats, FLAGS.min_sample_ms / 1e3)
+  floor = _stats(samples['floor'])
+  nbytes = w.nbytes + w.size   # kernel read + bool mask written
+  ranks = {}
+  rows = []
+  for nm in patterns:
+    row = {'pattern': str(nm), 'floor_ms': floor}
+    for impl in impls:
+      key = (impl, str(nm) if impl != 'jaxpruner' else f'*:{nm.m}')
+      lo, med = _stats(samples[key])
+      row[impl] = {'min_ms': lo, 'median_ms': med, 'x_floor': lo / floor[0],
+                   'x_floor_median': med / floor[1],
+                   'gb_per_s': nbytes / lo / 1e6,
+                   'compile_s': compile_s[key]}
+    if 'pgf' in impls and 'jaxpruner' in impls:
+      if nm.m not in ranks:
+        ranks[nm.m] = jax.jit(_jaxpruner_ranks, static_argnums=(1, 2))(
+            w, nm.m, axes)
+      got = calls[('pgf', str(nm))][0](w)
+      row['agree'] = bool(jnp.array_equal(got, ranks[nm.m] < nm.n))
+    rows.append(row)
+  return {'floor_ms': floor, 'floor_gb_per_s': nbytes / floor[0] / 1e6,
+          'rows': rows}
+
+
+def _bench_vit_ti_ff(dtype, patterns, rng):
+  ws = [jnp.asarray(rng.normal(size=s), dtype) for s, _ in VIT_TI_FF]
+  floor, _ = _compile(lambda ws: [jnp.abs(w) > 0.5 for w in ws], ws)
+  calls = {'floor': (floor, (ws,))}
+  for nm in patterns:
+    fn, _ = _compile(lambda ws, nm=nm: [
+        masks_lib.nm_mask(w, nm, a) for w, (_, a) in zip(ws, VIT_TI_FF)], ws)
+    calls[str(nm)] = (fn, (ws,))
+  samples = _round_robin(calls, FLAGS.repeats, FLAGS.min_sample_ms / 1e3)
+  lo, med = _stats(samples['floor'])
+  return {'floor_ms': (lo, med), 'rows': [
+      {'pattern': str(nm), 'min_ms': _stats(samples[str(nm)])[0],
+       'median_ms': _stats(samples[str(nm)])[1],
+       'x_floor': _stats(samples[str(nm)])[0] / lo} for nm in patterns]}
+
+
+def _print_kernel(names, shape, axes, dtype, result, impls):
+  print(f'\n{" = ".join(names)}  {shape} groups on axes {axes}  {dtype}  '
+        f'floor {result["floor_ms"][0]:.3f} ms (median '
+        f'{result["floor_ms"][1]:.3f}), {result["floor_gb_per_s"]:.1f} GB/s')
+  head = f'{"pattern":>8} '
+  for impl in impls:
+    head += f' {impl + " ms min/med":>19} {"x floor":>8}'
+  print(head + f' {"pgf GB/s":>9} agree')
+  for row in result['rows']:
+    line = f'{row["pattern"]:>8} '
+    for impl in impls:
+      r = row[impl]
+      line += (f' {r["min_ms"]:9.3f}/{r["median_ms"]:<9.3f} '
+               f'{r["x_floor"]:8.2f}')
+    gbs = row['pgf']['gb_per_s'] if 'pgf' in impls else float('nan')
+    print(line + f' {gbs:9.1f} {row.get("agree", "")}')
+
+
+def main(argv):
+  del argv
+  patterns = [NM.parse(p) for p in FLAGS.patterns]
+  impls = [i for i in FLAGS.impls if i in IMPLS]
+  rng = np.random.default_rng(0)
+  started = datetime.datetime.now(datetime.timezone.utc)
+  load_start = os.getloadavg()
+  bandwidth = _memory_bandwidth(FLAGS.repeats)
+  print(f'Machine: {platform.processor() or platform.machine()}, '
+        f'{os.cpu_count()} CPUs, load average {load_start}, JAX '
+        f'{jax.__version__} on {jax.devices()[0].device_kind}; memory '
+        f'bandwidth (256 MiB x*2+1) {bandwidth:.1f} GB/s')
+  results = []
+  sets = [s for s in FLAGS.shapes if s in KERNELS]
+  for (shape, axes, kind), names in _unique_kernels(sets).items():
+    for dtype in FLAGS.dtypes:
+      result = _bench_kernel(shape, axes, jnp.dtype(dtype), patterns, impls,
+                             rng)
+      _print_kernel(names, shape, axes, dtype, result, impls)
+      results.append({'kernels': names, 'shape': shape, 'axes': axes,
+                      'groups': kind, 'dtype': dtype, **result})
+      sys.stdout.flush()
+  small = None
+  if 'vit_ti_ff' in FLAGS.shapes:
+    small = {}
+    for dtype in FLAGS.dtypes:
+      small[dtype] = _bench_vit_ti_ff(jnp.dtype(dtype), patterns, rng)
+      print(f'\nViT-Ti/16 FF kernels (12 blocks x mlp/wi, mlp/wo) {dtype}: '
+            f'floor {small[dtype]["floor_ms"][0]:.3f} ms')
+      for row in small[dtype]['rows']:
+        print(f'{row["pattern"]:>8}  {row["min_ms"]:8.3f}/'
+              f'{row["median_ms"]:<8.3f} ms  {row["x_floor"]:6.2f} x floor')
+  out = {
+      'command': 'python -m pgf.bench.masks ' + ' '.join(sys.argv[1:]),
+      'date_utc': started.isoformat(timespec='seconds'),
+      'machine': {'processor': platform.processor() or platform.machine(),
+                  'cpus': os.cpu_count(), 'platform': platform.platform(),
+                  'load_average_start': load_start,
+                  'load_average_end': os.getloadavg(),
+                  'memory_gb_per_s': bandwidth},
+      'jax': jax.__version__, 'device': jax.devices()[0].device_kind,
+      'repeats': FLAGS.repeats, 'results': results, 'vit_ti_ff': small,
+  }
+  if FLAGS.out:
+    with open(FLAGS.out, 'w') as f:
+      json.dump(out, f, indent=1)
+    print(f'\nWrote {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main)
