@@ -5,4 +5,5 @@ from absl import app
 from pgf.bench import steps
 
 if __name__ == '__main__':
+  steps.define_flags()
   app.run(steps.main)

@@ -1,0 +1,131 @@
+"""The benchmarks' plumbing (no timed assertions: speed lives in tables)."""
+
+import json
+import os
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from pgf import step as step_lib
+from pgf.bench import memory
+from pgf.bench import steps
+from pgf.bench import stock
+from pgf.configs import t5_base
+from pgf.configs import vit_base
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize('module,variant', [(vit_base, 'B/16'),
+                                            (t5_base, 'base')])
+def test_stock_model_has_pgf_parameter_count(module, variant):
+  config = steps.row_config(module.get_config())
+  config.unlock()
+  config.model.variant = variant
+  config.lock()
+  s = steps.bench_setup(config)
+  batch = steps.synthetic_batch(s.config, s.info, 1)
+  inputs = stock._inputs(s.config, batch)
+  abstract = jax.eval_shape(
+      lambda r: stock.build(s.config).init(r, *inputs, train=False),
+      jax.random.key(0))
+  assert _count(abstract['params']) == step_lib.param_count(
+      s.abstract_state.params)
+
+
+@pytest.mark.parametrize('module', [vit_base, t5_base])
+def test_synthetic_batch_follows_the_training_spec(module):
+  s = steps.bench_setup(steps.row_config(module.get_config()))
+  batch = steps.synthetic_batch(s.config, s.info, 3)
+  assert set(batch) == set(s.info.train_spec)
+  for key, (shape, dtype) in s.info.train_spec.items():
+    assert batch[key].shape == (3, *shape) and batch[key].dtype == dtype
+  for key in ('encoder_input_tokens', 'decoder_input_tokens'):
+    if key in batch:
+      assert 0 < batch[key].min() and (
+          batch[key].max() < s.config.model.vocab_size)
+
+
+def test_ratios_are_paired_within_rounds():
+  rows = [steps.Row('dense', '-', None, None, None, times=[1.0, 2.0, 4.0]),
+          steps.Row('ste', 'ff=2:4', True, None, None,
+                    times=[1.1, 2.0, 4.4])]
+  out = steps.summarize(rows)[1]
+  # Per-round ratios 1.1, 1.0, 1.1 (the medians of the times give 1.0).
+  assert out['ratio_median'] == pytest.approx(1.1)
+  assert (out['ratio_min'], out['ratio_max']) == pytest.approx((1.0, 1.1))
+  assert out['overhead_ms'] == pytest.approx(100.0)
+
+
+def test_default_specs_cover_every_frame_map_and_recompute_off():
+  specs = steps.default_specs(recipes=('ste', 'srste'),
+                              patterns=('2:4', '1:64'),
+                              recompute_off=('1:16',))
+  assert [(x.name, x.nm, x.recompute) for x in specs] == [
+      ('ste', (2, 4), True), ('srste', (2, 4), True), ('ste', (1, 64), True),
+      ('srste', (1, 64), True), ('sdgf_stepwise', (1, 8), True),
+      ('sdgf_geometric', (1, 8), True), ('ste', (1, 16), False),
+      ('srste', (1, 16), False)]
+
+
+def test_recompute_changes_results_only_by_rounding():
+  # Recomputing masks and effective kernels in the backward pass is the
+  # same function of the same weights; XLA may fuse the two programs
+  # differently, so parameters agree to float32 rounding (measured: not
+  # bit-equal, largest difference ~1e-7 after 3 steps).
+  base = memory.model_config('vit_mu', batch_size=8)
+  for r in memory.recompute_equal(base, recipes=('ste', 'sdgf_stepwise'),
+                                  steps=3):
+    assert r['max_abs_diff'] < 1e-5, r
+
+
+def test_memory_rows_report_overhead_against_dense():
+  base = memory.model_config('vit_mu', batch_size=4)
+  rows = memory.memory_rows(base, rows=('dense', 'ste'), label='vit_mu')
+  assert [(r['row'], r['recompute']) for r in rows] == [
+      ('dense', None), ('ste', True), ('ste', False)]
+  assert all(r['temp_bytes'] > 0 and r['peak_bytes'] >= r['temp_bytes']
+             for r in rows)
+  assert rows[0]['temp_over_dense'] == 0
+  text = memory.markdown(dict(command='c', date='d', device='x', jax='j',
+                              dtype='float32', equal_model='m'), rows, [])
+  assert '| ste | ff=1:16 |' in text
+
+
+def test_abstract_state_matches_the_real_one():
+  s = steps.bench_setup(steps.row_config(
+      memory.model_config('vit_mu', batch_size=4), recipe='ste'))
+  real = step_lib.init_state(s, jax.random.key(0))
+  shapes = jax.tree.map(lambda x: (x.shape, x.dtype), memory.abstract_state(s))
+  assert shapes == jax.tree.map(lambda x: (x.shape, x.dtype), real)
+
+
+def test_gpu_check_script_runs_tiny(tmp_path):
+  """scripts/gpu_check.sh --tiny: every section, no GPU needed."""
+  proc = subprocess.run(
+      ['bash', os.path.join(ROOT, 'scripts', 'gpu_check.sh'), '--tiny',
+       f'--out_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+      timeout=600, env={**os.environ, 'PYTHONPATH': ROOT})
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  platform = jax.devices()[0].platform
+  with open(tmp_path / f'gpu_check_tiny_{platform}.json') as f:
+    out = json.load(f)
+  assert not out['errors']
+  sections = out['sections']
+  assert set(sections) == {'vit', 'schedule', 't5', 'masks', 'inference'}
+  names = [r['row'] for r in sections['vit']['rows']]
+  assert names[:3] == ['dense', 'stock_flax', 'ste']
+  assert names.count('sdgf_stepwise') == 2
+  assert sections['schedule']['executables'] == sections['schedule'][
+      'frames'] == 2
+  for r in sections['vit']['rows'] + sections['t5']['rows']:
+    assert r['temp_bytes'] > 0 and len(r['samples_ms']) >= 3
+  assert sections['masks']['rows'] and sections['inference']['rows']
+  text = (tmp_path / f'gpu_check_tiny_{platform}.md').read_text()
+  assert '## Compiles over an SdGf schedule' in text
