@@ -89,7 +89,9 @@ def test_memory_rows_report_overhead_against_dense():
   base = memory.model_config('vit_mu', batch_size=4)
   rows = memory.memory_rows(base, rows=('dense', 'ste'), label='vit_mu')
   assert [(r['row'], r['recompute']) for r in rows] == [
-      ('dense', None), ('ste', True), ('ste', False)]
+      ('dense', None), ('dense_remat', True), ('ste', True), ('ste', False)]
+  assert rows[2]['temp_over_dense_remat_bytes'] == (
+      rows[2]['temp_bytes'] - rows[1]['temp_bytes'])
   assert all(r['temp_bytes'] > 0 and r['peak_bytes'] >= r['temp_bytes']
              for r in rows)
   assert rows[0]['temp_over_dense'] == 0
