@@ -195,8 +195,8 @@ def compare(workdir: str, reference: str) -> dict:
 
 def _resumed_from(output: str) -> str:
   for line in output.splitlines():
-    if 'Resuming from step' in line:
-      return line.split('Resuming from step')[1].split()[0]
+    if 'Resuming from checkpoint at step' in line:
+      return line.split('Resuming from checkpoint at step')[1].split()[0]
   return 'start'
 
 
