@@ -12,9 +12,10 @@ checkpoint save is started, while Orbax's write is still in flight, during
 an evaluation, halfway through a metrics.jsonl line, after the last
 checkpoint) or this script sends it at a random time. The killed run is then
 rerun with the same command until it finishes, and its final metrics,
-metrics.jsonl (without train/steps_per_sec) and TensorBoard scalars (read
-back from the event files) are compared with the uninterrupted run's, bit
-for bit. Prints a Markdown table; --json writes the rows.
+metrics.jsonl and TensorBoard scalars (read back from the event files; both
+without train/steps_per_sec, a measured rate) are compared with the
+uninterrupted run's, bit for bit. Prints a Markdown table; --json writes
+the rows.
 """
 
 from __future__ import annotations
@@ -152,13 +153,18 @@ def results(workdir: str) -> dict | None:
   return {k: v for k, v in final.items() if k != 'train_seconds_this_run'}
 
 
+# A measured rate, not a result: it differs between any two runs.
+TIMING = 'train/steps_per_sec'
+
+
 def records(workdir: str) -> list[dict]:
-  return [{k: v for k, v in r.items() if k != 'train/steps_per_sec'}
+  return [{k: v for k, v in r.items() if k != TIMING}
           for r in metrics_lib.read_jsonl(workdir)]
 
 
 def events(workdir: str) -> dict:
-  return metrics_lib.read_events(os.path.join(workdir, 'tensorboard'))
+  return {tag: points for tag, points in metrics_lib.read_events(
+      os.path.join(workdir, 'tensorboard')).items() if tag != TIMING}
 
 
 def state_of(workdir: str) -> str:
