@@ -71,6 +71,7 @@ def test_diagnostics_equal_hand_computed_values(data_dir):
   model = s.task.build_model(plan)
   rng = step_lib.step_rng(c, 0)
 
+  @jax.jit  # Eager, every op of the backward pass would compile on its own.
   def grad(batch, rng):
     def loss(p):
       out = s.task.apply(model, {'params': p, sp.SCHEDULE_COLLECTION: coll},

@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/vit_base.py:srste,1:4,runlocal'
 OVERRIDES = {'total_steps': '6', 'batch_size': 16, 'eval_batch_size': 128,
              'log_every': '2', 'eval_every': '6', 'checkpoint_every': '3',
-             'optimizer.warmup': '2'}
+             'optimizer.warmup': '2', 'model.variant': 'mu/2'}
 
 
 def _free_port() -> int:

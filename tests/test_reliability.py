@@ -29,7 +29,7 @@ import fault_injection as faults  # noqa: E402  The table's corruptions.
 # metrics. Checkpoints at 4 and 8.
 TINY = {'total_steps': '8', 'batch_size': 16, 'eval_batch_size': 128,
         'log_every': '3', 'eval_every': '4', 'checkpoint_every': '4',
-        'optimizer.warmup': '2'}
+        'optimizer.warmup': '2', 'model.variant': 'mu/2'}
 
 
 def tiny(data_dir, **overrides):

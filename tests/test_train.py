@@ -31,6 +31,7 @@ def tiny_vit(data_dir, **overrides):
   c.checkpoint_every = '4'
   c.optimizer.warmup = '2'
   c.sparsity.ff.decay = 0.1
+  c.model.variant = 'mu/2'  # Width 32, 2 blocks: the loop, not the model.
   for key, value in overrides.items():
     section, _, name = key.rpartition('.')
     (c[section] if section else c)[name] = value
@@ -226,6 +227,7 @@ from pgf.data import images as images_lib
 from pgf.data import text as text_lib
 if sys.argv[5] == 'vit':
   c = vit_base.get_config('srste,1:4,runlocal')
+  c.model.variant = 'mu/2'
 else:
   c = t5_base.get_config('mdgf_exp,1:16,runlocal')
   c.data.inputs_length = 64; c.data.targets_length = 16
