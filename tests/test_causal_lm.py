@@ -372,7 +372,7 @@ def test_every_recipe_trains_gpt_on_every_role(data_dir, tmp_path, recipe):
 
 
 def test_nano_loss_falls_below_the_unigram_baseline(data_dir, tmp_path):
-  # A short runlocal run (the full 300 steps are in the README's numbers):
+  # A short runlocal run (the full 300 steps: configs/gpt_small.py's notes):
   # the validation loss must fall from about ln(384) to below the
   # cross-entropy of the best context-free model, the byte frequencies of
   # the training split: the model uses its context.
