@@ -36,6 +36,7 @@ workdir must be on a filesystem all processes share.
     --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0 &
   (the same with --process_id=1)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,6 +73,8 @@ from pgf.sparsity.sparsifier import flatten
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               'configs', 'default.py')
 FINAL_METRICS = 'final_metrics.json'
+# The log line of a resume, followed by the step; scripts parse it.
+RESUMING = 'Resuming from checkpoint at step'
 PHASES = ('dense', 'sparse', 'fine_tune')
 
 
@@ -186,8 +189,7 @@ def _train(s: step_lib.Setup, workdir: str) -> dict[str, float]:
   host = {'pending': []}
   if restored is not None:
     state, host = restored
-    logging.info('Resuming from checkpoint at step %d in %s.',
-                 int(state.step), ckpt.directory)
+    logging.info('%s %d in %s.', RESUMING, int(state.step), ckpt.directory)
   start = int(state.step)
   writer = metrics_lib.MetricWriter(
       workdir, enabled=jax.process_index() == 0,

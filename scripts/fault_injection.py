@@ -37,6 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from pgf import metrics as metrics_lib  # noqa: E402
+from pgf import train as train_lib  # noqa: E402
 
 CONFIG = 'configs/vit_base.py:srste,1:4,runlocal'
 OVERRIDES = {'total_steps': '12', 'batch_size': 16, 'eval_batch_size': 128,
@@ -201,8 +202,8 @@ def compare(workdir: str, reference: str) -> dict:
 
 def _resumed_from(output: str) -> str:
   for line in output.splitlines():
-    if 'Resuming from checkpoint at step' in line:
-      return line.split('Resuming from checkpoint at step')[1].split()[0]
+    if train_lib.RESUMING in line:
+      return line.split(train_lib.RESUMING)[1].split()[0]
   return 'start'
 
 
