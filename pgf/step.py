@@ -172,6 +172,9 @@ def step_rng(config, step) -> jax.Array:
 
 def _loss_and_grad(s: Setup, plan: sp.SparsityPlan, values):
   """value_and_grad of the task's loss under `plan` at `values`."""
+  # With sparsity.recompute the sparse layers keep no masks or effective
+  # kernels for the backward pass (pgf.sparsity.core.sparse_product).
+  plan = dataclasses.replace(plan, recompute=s.config.sparsity.recompute)
   model = s.task.build_model(plan)
   coll = sp.layer_collection(values, plan, s.kernel_paths)
 
@@ -181,10 +184,6 @@ def _loss_and_grad(s: Setup, plan: sp.SparsityPlan, values):
                            rngs={'dropout': rng})
     return s.task.loss(outputs, batch)
 
-  if s.config.sparsity.recompute and plan:
-    # Masks and effective kernels are recomputed in the backward pass
-    # instead of being kept (pgf.sparsity.core): no memory over dense.
-    loss_fn = jax.checkpoint(loss_fn, policy=sp.remat_policy())
   return jax.value_and_grad(loss_fn, has_aux=True)
 
 

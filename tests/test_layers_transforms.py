@@ -244,6 +244,116 @@ def test_sparse_conv_groups_along_input_channels():
   _close(y, want, rtol=1e-5, atol=1e-5)
 
 
+# -- recompute: no effective kernel kept for the backward pass ----------------
+
+
+def _plan_with(plan, recompute):
+  return sp.SparsityPlan(plan.rules, recompute=recompute)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_recompute_is_bit_equal_to_keeping_the_kernel(dtype):
+  # Output, parameter gradients and input gradient of the layers with the
+  # product's custom backward (recompute on) and with autodiff through a
+  # kept effective kernel (off), under jit; soft masks (alpha > 0), a kernel
+  # contracted over two axes, a convolution and a bf16 compute dtype.
+  x, target = _data()
+  params = _params()
+  sched = _schedule(dict(nm=NM(1, 4), recipe='mdgf_exp', decay=0.02),
+                    dict(nm=NM(2, 8), recipe='mdgf_exp', decay=0.01,
+                         axis='out'), dense_steps=10)
+  plan, values = sched.plan(35), sched.values(35)
+  coll = sp.layer_collection(values, plan, KERNELS)
+  conv_plan = sp.SparsityPlan((sp.LayerRule('p', 'conv/kernel', NM(1, 4),
+                                            'in'),))
+  images = jnp.asarray(np.random.default_rng(5).normal(size=(2, 5, 5, 8)),
+                       jnp.float32)
+
+  class Patch(nn.Module):   # a top-level module has an empty path: nest it
+    plan: sp.SparsityPlan
+
+    @nn.compact
+    def __call__(self, images):
+      return sp.SparseConv(features=3, kernel_size=(2, 2), dtype=dtype,
+                           sparsity=self.plan, name='conv')(images)
+
+  conv_params = flax.linen.unbox(
+      Patch(conv_plan).init(jax.random.key(2), images))['params']
+
+  def run(recompute):
+    tiny = Tiny(_plan_with(plan, recompute))
+    patch = Patch(_plan_with(conv_plan, recompute))
+
+    def loss(p, x, images):
+      y = tiny.apply({'params': p['tiny'], sp.SCHEDULE_COLLECTION: coll}, x)
+      z = patch.apply({'params': p['patch']}, images)
+      return _loss(y, target) + jnp.sum(jnp.sin(z.astype(jnp.float32))), (
+          y, z)
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    return jax.device_get(f({'tiny': params, 'patch': conv_params}, x,
+                            images))
+
+  on, off = run(True), run(False)
+  jax.tree.map(np.testing.assert_array_equal, on, off)
+  # And both are the reference network (the masks really are applied).
+  (_, (y, _)), _ = on
+  hard = _effective(params, _ref_masks(plan, params),
+                    {'fc1': float(values['fc']['alpha']),
+                     'out': float(values['o']['alpha'])})
+  _close(y, _reference_forward(hard, x))
+  (_, (_, z)), _ = on
+  w = np.asarray(conv_params['conv']['kernel'])
+  want = jax.lax.conv_general_dilated(
+      images.astype(dtype), jnp.asarray(w * sp.nm_mask_reference(
+          w, NM(1, 4), 2)).astype(dtype), (1, 1), 'VALID',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + conv_params['conv'][
+          'bias'].astype(dtype)
+  _close(np.asarray(z, np.float32), np.asarray(want, np.float32),
+         rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5, atol=1e-2)
+
+
+def _step_temp_mib(plan, layers=8, width=1024, batch=8) -> float:
+  """XLA temporary memory of a compiled Adam step of `layers` SparseDense
+  layers of width x width (the state donated, as pgf's step does)."""
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(layers):
+        x = jax.nn.relu(sp.SparseDense(width, sparsity=plan, name=f'l{i}')(x))
+      return x
+
+  x = jax.ShapeDtypeStruct((batch, width), jnp.float32)
+  params = jax.eval_shape(lambda: flax.linen.unbox(
+      MLP().init(jax.random.key(0), jnp.zeros(x.shape)))['params'])
+  tx = optax.adam(1e-3)
+  opt = jax.eval_shape(tx.init, params)
+
+  def step(params, opt, x):
+    g = jax.grad(lambda p: jnp.sum(MLP().apply({'params': p}, x) ** 2))(
+        params)
+    u, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, u), opt
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, opt, x).compile()
+  return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def test_recompute_keeps_no_effective_kernel_for_the_backward_pass():
+  # 8 kernels of 4 MiB. Dense needs about two kernel-sized buffers (a
+  # gradient and its Adam update); keeping the effective kernels costs one
+  # more per layer; recomputing them costs at most one layer's at a time.
+  kernel = 1024 * 1024 * 4 / 2**20
+  rule = sp.LayerRule('g', '^l', NM(1, 4), 'in')
+  dense = _step_temp_mib(None)
+  on = _step_temp_mib(sp.SparsityPlan((rule,), recompute=True))
+  off = _step_temp_mib(sp.SparsityPlan((rule,), recompute=False))
+  assert on - dense <= kernel, (dense, on, off)
+  assert off - dense >= 5 * kernel, (dense, on, off)
+
+
 # -- recipe gradients after the optax transforms ------------------------------
 
 

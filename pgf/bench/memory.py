@@ -11,9 +11,12 @@ reads the compiled step's `memory_analysis()`. Nothing is run: the inputs
 are abstract, so large batches cost only compile time. The overhead of a
 row is its XLA temporary bytes over dense's, in MiB and in percent.
 
-Also checks that recompute does not change the result: a tiny model trained
-a few steps with recompute on and off must end with bit-equal parameters
-(`recompute_equal`; tests/test_bench.py runs it too).
+With recompute on, a sparse layer keeps only what a dense layer keeps
+(`pgf.sparsity.core.sparse_product`), so its rows should be within a
+transient mask of dense; with it off, one float32 copy of the sparse kernels
+over dense. Also checks that recompute does not change the result: a tiny
+model trained a few steps with recompute on and off must end with bit-equal
+parameters (`recompute_equal`; tests/test_bench.py runs it too).
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import jax
 import numpy as np
 
 from pgf import sharding
-from pgf import sparsity as sp
 from pgf import step as step_lib
 from pgf.bench import steps as bench_steps
 from pgf.configs import t5_base
@@ -102,19 +104,11 @@ def _row_setups(base, row: str, pattern: str, sdgf_target: str,
   return s, [s.schedule.plan(s.schedule.sparse_start)]
 
 
-def remat_only_plan() -> sp.SparsityPlan:
-  """A plan that makes no kernel sparse but is not empty: the step then
-  wraps the dense loss in the same `jax.checkpoint` as a sparse step with
-  recompute on (pgf.step._loss_and_grad), which changes XLA's memory use by
-  itself; the like-for-like dense baseline of recompute on."""
-  return sp.SparsityPlan((sp.LayerRule('none', r'(?!)', sp.NM(1, 2), 'in'),))
-
-
 def memory_rows(base, *, rows=FULL_ROWS, pattern: str = '1:16',
                 sdgf_target: str = '1:8', label: str = '') -> list[dict]:
   """One dict per (row, plan, recompute), with the overhead over dense."""
   out = []
-  dense_temp = wrapped_temp = None
+  dense_temp = None
   for row in rows:
     for recompute in ((None,) if row == 'dense' else (True, False)):
       s, plans = _row_setups(base, row, pattern, sdgf_target,
@@ -131,15 +125,7 @@ def memory_rows(base, *, rows=FULL_ROWS, pattern: str = '1:16',
                  **mem)
         d['temp_over_dense_bytes'] = mem['temp_bytes'] - dense_temp
         d['temp_over_dense'] = mem['temp_bytes'] / dense_temp - 1
-        if wrapped_temp:
-          d['temp_over_dense_remat_bytes'] = mem['temp_bytes'] - wrapped_temp
         out.append(d)
-        if row == 'dense':
-          wrapped = step_memory(s, remat_only_plan())
-          wrapped_temp = wrapped['temp_bytes']
-          out.append(dict(d, row='dense_remat', recompute=True, **wrapped,
-                          temp_over_dense_bytes=wrapped_temp - dense_temp,
-                          temp_over_dense=wrapped_temp / dense_temp - 1))
         print(f"{label} b={d['batch_size']} {row} {d['pattern']} recompute="
               f"{recompute}: temp {mem['temp_bytes'] / 2**20:,.1f} MiB "
               f"({d['temp_over_dense']:+.2%})", flush=True)
@@ -187,44 +173,38 @@ def markdown(meta: dict, rows: list[dict], equal: list[dict]) -> str:
            f"Device: {meta['device']}  ", f"JAX {meta['jax']}; dtype "
            f"{meta['dtype']}; compiled, not run (abstract inputs)", '',
            'temp = XLA temporary bytes of the compiled step; over dense = '
-           "temp minus dense's at the same model and batch; dense_remat = "
-           'dense wrapped in the same jax.checkpoint as a sparse step with '
-           'recompute on (the like-for-like baseline); kept kernels = '
-           'the float32 size of the sparse kernels (what keeping one '
-           'effective kernel per sparse kernel for the backward pass '
-           'costs).', '']
+           "temp minus dense's at the same model and batch (pgf's dense "
+           'step, the same layers without a plan); kernels = that overhead '
+           'in float32 copies of the sparse kernels (1.00 = one effective '
+           'kernel per sparse kernel kept for the backward pass).', '']
   groups = {}
   for r in rows:
     groups.setdefault((r['model'], r['batch_size']), []).append(r)
   for (model, batch), rs in groups.items():
     dense = next(r for r in rs if r['row'] == 'dense')
     kept = max(r['sparse_kernel_bytes'] for r in rs)
-    remat = next((r for r in rs if r['row'] == 'dense_remat'), None)
     lines += [f"## {model}, batch {batch}", '',
               f"dense: temp {_mib(dense['temp_bytes'])} MiB, arguments "
-              f"{_mib(dense['argument_bytes'])} MiB; kept kernels "
-              f"{_mib(kept)} MiB" + (
-                  f"; dense under the recompute wrapper (dense_remat): temp "
-                  f"{_mib(remat['temp_bytes'])} MiB "
-                  f"({remat['temp_over_dense']:+.1%})" if remat else ''), '',
+              f"{_mib(dense['argument_bytes'])} MiB; sparse kernels "
+              f"{_mib(kept)} MiB in float32", '',
               '| row | pattern | temp MiB, recompute on | over dense | '
-              'over dense_remat | temp MiB, recompute off | over dense |',
-              '| --- | --- | --- | --- | --- | --- | --- |']
-    on = {(r['row'], r['pattern']): r for r in rs
-          if r['recompute'] is True and r['row'] != 'dense_remat'}
+              'kernels | temp MiB, recompute off | over dense | kernels |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    on = {(r['row'], r['pattern']): r for r in rs if r['recompute'] is True}
     off = {(r['row'], r['pattern']): r for r in rs
            if r['recompute'] is False}
+
+    def cells(r):
+      if r is None:
+        return ['', '', '']
+      return [f"{_mib(r['temp_bytes'])}",
+              f"{_mib(r['temp_over_dense_bytes'])} MiB "
+              f"({r['temp_over_dense']:+.1%})",
+              f"{r['temp_over_dense_bytes'] / r['sparse_kernel_bytes']:+.2f}"]
+
     for key, a in on.items():
-      b = off.get(key)
-      cells = [f"{_mib(a['temp_bytes'])}",
-               f"{_mib(a['temp_over_dense_bytes'])} MiB "
-               f"({a['temp_over_dense']:+.1%})",
-               f"{_mib(a['temp_over_dense_remat_bytes'])} MiB"
-               if 'temp_over_dense_remat_bytes' in a else '']
-      cells += ([f"{_mib(b['temp_bytes'])}",
-                 f"{_mib(b['temp_over_dense_bytes'])} MiB "
-                 f"({b['temp_over_dense']:+.1%})"] if b else ['', ''])
-      lines.append(f"| {key[0]} | {key[1]} | " + ' | '.join(cells) + ' |')
+      lines.append(f"| {key[0]} | {key[1]} | "
+                   + ' | '.join(cells(a) + cells(off.get(key))) + ' |')
     lines.append('')
   if equal:
     lines += ['## Same results', '',

@@ -6,8 +6,9 @@ Where things are:
   recipes.py     every recipe, defined once: alpha(t), gradient rule, frames.
   schedules.py   SparsitySchedule: where the step turns into alpha, pattern
                  and phase (all pure functions of the step).
-  core.py        effective_kernel: the one place where the mask meets alpha
-                 (straight-through gradient), shared by both ways in.
+  core.py        where the mask meets alpha (straight-through gradient):
+                 sparse_product (pgf's layers; recomputes mask and effective
+                 kernel in the backward pass) and effective_kernel.
   layers.py      SparseDense / SparseDenseGeneral / SparseConv (pgf's models).
   sparsifier.py  Sparsifier: the recipes on any model's parameter tree; the
                  checks, statistics and hard masks pgf's loop uses too.
@@ -16,7 +17,7 @@ Where things are:
 
 from pgf.sparsity.core import effective_kernel
 from pgf.sparsity.core import hard_kernel
-from pgf.sparsity.core import remat_policy
+from pgf.sparsity.core import sparse_product
 from pgf.sparsity.core import straight_through_scale
 from pgf.sparsity.layers import SCHEDULE_COLLECTION
 from pgf.sparsity.layers import SparseConv

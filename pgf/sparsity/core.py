@@ -1,9 +1,6 @@
 """The one place where a kernel's N:M mask meets alpha.
 
-Both ways into pgf's recipes call `effective_kernel`: the sparse layers
-(`SparseDense`, `SparseDenseGeneral`, `SparseConv`, which read alpha from the
-`sparsity` variable collection) and the model-agnostic `Sparsifier`, which
-maps it over any model's parameter tree. It computes
+Both ways into pgf's recipes compute
 
   w_eff = w * (m + (1 - m) alpha),   m = nm_mask(w)      (forward)
   dL/dw = dL/dw_eff                                       (straight-through)
@@ -13,35 +10,28 @@ pruned entries included (docs/recipes.md section 2). Recipe-specific changes
 of that gradient (SR-STE's refill, MdGf 'scaled') are optax transforms
 (`pgf.sparsity.transforms`) that act on the raw gradient.
 
-Memory: the mask and w_eff are named (`jax.ad_checkpoint.checkpoint_name`), so
-a loss wrapped in `jax.checkpoint(loss, policy=remat_policy())` keeps neither
-for the backward pass: both are recomputed from the dense weight there (the
-same pure function of the same weights; results agree to float rounding).
-Measured on CPU (experiments/bench/memory_cpu_remat.md), XLA still holds one
-float32 copy of the sparse kernels at the step's peak against a dense step
-under the same wrapper.
+* `sparse_product(op, x, w, ...)`: what pgf's sparse layers (`SparseDense`,
+  `SparseDenseGeneral`, `SparseConv`) call. It owns the layer's product, so
+  it keeps only what a dense layer keeps (x, and the kernel w, a parameter)
+  and recomputes mask and w_eff in the backward pass: the sparse step needs
+  no more memory than the dense one (`python -m pgf.bench.memory`).
+* `effective_kernel(w, ...)`: w_eff alone, for the model-agnostic
+  `Sparsifier`, which maps it over any model's parameter tree before the
+  model runs. The model's own matmuls then keep w_eff for their backward
+  pass, one float32 copy of each sparse kernel, as `sparsity.recompute=False`
+  does in pgf's layers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+import functools
 
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from pgf.sparsity.masks import NM
 from pgf.sparsity.masks import nm_mask
-
-MASK_NAME = 'pgf_nm_mask'
-KERNEL_NAME = 'pgf_effective_kernel'
-
-
-def remat_policy():
-  """A `jax.checkpoint` policy that saves every residual except the N:M masks
-  and effective kernels, which the backward pass recomputes."""
-  return jax.checkpoint_policies.save_anything_except_these_names(
-      MASK_NAME, KERNEL_NAME)
 
 
 @jax.custom_vjp
@@ -126,11 +116,16 @@ def effective_kernel(w: jax.Array, nm: NM, axes: Sequence[int], *,
     w_eff of w's shape and dtype (straight-through gradient to w) and the
     boolean N:M mask.
   """
-  mask = checkpoint_name(nm_mask(w, nm, axes, name=name), MASK_NAME)
   alpha = jnp.zeros((), w.dtype) if alpha is None else jnp.asarray(
       alpha, w.dtype)
-  scale = jnp.where(mask, jnp.ones((), w.dtype), alpha)
-  return checkpoint_name(straight_through_scale(w, scale), KERNEL_NAME), mask
+  mask, scale = _mask_and_scale(w, nm, axes, alpha, name)
+  return straight_through_scale(w, scale), mask
+
+
+def _mask_and_scale(w, nm, axes, alpha, name):
+  """The mask and m + (1 - m) alpha, as a select."""
+  mask = nm_mask(w, nm, axes, name=name)
+  return mask, jnp.where(mask, jnp.ones((), w.dtype), alpha)
 
 
 def hard_kernel(w: jax.Array, nm: NM, axes: Sequence[int], *,
@@ -139,3 +134,81 @@ def hard_kernel(w: jax.Array, nm: NM, axes: Sequence[int], *,
   use it; no gradient path is implied."""
   mask = nm_mask(w, nm, axes, name=name)
   return jnp.where(mask, w, jnp.zeros((), w.dtype))
+
+
+def sparse_product(op: Callable[[jax.Array, jax.Array], jax.Array],
+                   x: jax.Array, w: jax.Array, nm: NM, axes: Sequence[int], *,
+                   alpha: jax.Array | float | None,
+                   name: str = 'kernel') -> jax.Array:
+  """op(x, w_eff) that keeps no effective kernel for the backward pass.
+
+  The forward pass is `op(x, effective_kernel(w, ...)[0])`. Its residuals are
+  what a dense layer keeps, x and the dense kernel w (which is a parameter,
+  alive anyway), so the step holds no mask or effective kernel between the
+  forward and the backward pass. The backward pass recomputes both from w
+  once its incoming gradient exists (`_after`: XLA can neither reuse the
+  forward's copy nor compute every layer's at the start of the backward
+  pass), then is op's own backward: dx = op's dx at w_eff, dw = op's dw_eff
+  (straight-through, as `effective_kernel`). Results are bit-equal to
+  keeping w_eff (`sparsity.recompute=False`).
+
+  Args:
+    op: the layer's product, (x, kernel) -> y, e.g. a `dot_general` or a
+      convolution (casts to the compute dtype belong in it).
+    x: the layer input.
+    w: the dense kernel.
+    nm, axes, alpha, name: as `effective_kernel`.
+  """
+  alpha = jnp.zeros((), w.dtype) if alpha is None else jnp.asarray(
+      alpha, w.dtype)
+  return _sparse_product(op, nm, tuple(axes), name, x, w, alpha)
+
+
+def _after(w: jax.Array, g: jax.Array) -> jax.Array:
+  """w, as a value XLA can compute only once `g` exists.
+
+  An optimization barrier where XLA keeps it until scheduling (GPU, TPU).
+  XLA:CPU drops barriers before its late common-subexpression passes, which
+  would then merge the backward's recomputation with the forward's kernel
+  and keep that alive: there, a data dependence does it, w * (1 + 0 g_0),
+  which is w bit for bit whenever g_0 is finite (a non-finite cotangent
+  makes the step's gradients non-finite anyway).
+  """
+  def barrier(w, g):
+    return jax.lax.optimization_barrier((w, g))[0]
+
+  def tie(w, g):
+    g0 = jax.lax.convert_element_type(g.reshape(-1)[0], w.dtype)
+    return w * (1 + 0 * g0)
+
+  return jax.lax.platform_dependent(w, g, cpu=tie, default=barrier)
+
+
+def _weff(w, nm, axes, alpha, name):
+  return w * _mask_and_scale(w, nm, axes, alpha, name)[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _sparse_product(op, nm, axes, name, x, w, alpha):
+  # Not before x exists: else XLA may compute every layer's effective kernel
+  # at the start of the step and hold them all.
+  return op(x, _weff(_after(w, x), nm, axes, alpha, name))
+
+
+def _sp_fwd(op, nm, axes, name, x, w, alpha):
+  return _sparse_product(op, nm, axes, name, x, w, alpha), (x, w, alpha)
+
+
+def _sp_bwd(op, nm, axes, name, res, g):
+  x, w, alpha = res
+  w = _after(w, g)
+  w_eff = _weff(w, nm, axes, alpha, name)
+  _, vjp = jax.vjp(op, x, w_eff)
+  dx, dw = vjp(g)
+  # The optimizer writes the new kernel over the old one (the state is
+  # donated); a gradient that comes after every read of the old one lets it
+  # do so without first copying each kernel.
+  return dx, _after(dw, w_eff), jnp.zeros_like(alpha)
+
+
+_sparse_product.defvjp(_sp_fwd, _sp_bwd)

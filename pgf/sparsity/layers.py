@@ -6,8 +6,10 @@ model) whether its kernel's parameter path is sparse and with which N:M; the
 traced alpha of its group comes from the `sparsity` variable collection that
 the train step fills from the step (`layer_collection`). Without a plan the
 layer is exactly a dense layer. Biases are kept (the authors' code drops
-them). The kernel becomes `core.effective_kernel(...)`: the one place where
-the mask meets alpha, shared with the model-agnostic `Sparsifier`.
+them). The product with the kernel is `core.sparse_product(...)`: the
+effective kernel of `core.effective_kernel` (the one place where the mask
+meets alpha, shared with the model-agnostic `Sparsifier`), recomputed in the
+backward pass instead of kept (`SparsityPlan.recompute`).
 """
 
 from __future__ import annotations
@@ -52,17 +54,23 @@ def _kernel_init(fn: Initializer, names: tuple, in_axes: tuple[int, ...],
 
 
 class _SparseKernelMixin:
-  """Shared by the layers: mask the kernel according to the plan."""
+  """Shared by the layers: apply the kernel, masked according to the plan."""
 
-  def _sparse_kernel(self, kernel: jax.Array, names: tuple,
-                     in_axes: tuple[int, ...],
-                     out_axes: tuple[int, ...]) -> jax.Array:
-    if not self.sparsity:
-      return kernel
-    path = '/'.join(self.scope.path) + '/kernel'
-    rule = self.sparsity.lookup(path)
+  def _apply_kernel(self, op, x: jax.Array, kernel: jax.Array, names: tuple,
+                    in_axes: tuple[int, ...],
+                    out_axes: tuple[int, ...]) -> jax.Array:
+    """op(x, kernel) with the kernel's effective N:M form when it is sparse.
+
+    With `plan.recompute` (the default) the product is
+    `core.sparse_product`: no mask or effective kernel is kept for the
+    backward pass, which recomputes them.
+    """
+    rule = None
+    if self.sparsity:
+      path = '/'.join(self.scope.path) + '/kernel'
+      rule = self.sparsity.lookup(path)
     if rule is None:
-      return kernel
+      return op(x, kernel)
     axes = core.resolve_axes(rule.axis, rule.group_axes, shape=kernel.shape,
                              names=names, in_axes=in_axes, out_axes=out_axes,
                              path=path)
@@ -70,9 +78,17 @@ class _SparseKernelMixin:
     # layer uses the hard mask, as evaluation and export do.
     alpha = (self.get_variable(SCHEDULE_COLLECTION, 'alpha')
              if self.has_variable(SCHEDULE_COLLECTION, 'alpha') else None)
+    if self.sparsity.recompute:
+      return core.sparse_product(op, x, kernel, rule.nm, axes, alpha=alpha,
+                                 name=path)
     kernel, _ = core.effective_kernel(kernel, rule.nm, axes, alpha=alpha,
                                       name=path)
-    return kernel
+    return op(x, kernel)
+
+
+def _compute_dtype(dtype, *arrays):
+  """The dtype flax's `promote_dtype` would give `arrays`."""
+  return dtype or jnp.result_type(*(a for a in arrays if a is not None))
 
 
 class SparseDenseGeneral(_SparseKernelMixin, nn.Module):
@@ -126,15 +142,19 @@ class SparseDenseGeneral(_SparseKernelMixin, nn.Module):
     out_axes = tuple(range(n_in, len(kernel_shape)))
     kernel = self.param('kernel', _kernel_init(init, names, in_axes, out_axes),
                         kernel_shape, self.param_dtype)
-    kernel = self._sparse_kernel(kernel, names, in_axes, out_axes)
     bias = None
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           self.bias_init, names[n_in:]), features, self.param_dtype)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jax.lax.dot_general(
-        x, kernel, ((axis, tuple(range(n_in))), ((), ())),
-        precision=self.precision)
+    dtype = _compute_dtype(self.dtype, x, kernel, bias)
+    x, bias = promote_dtype(x, bias, dtype=dtype)
+
+    def op(x, kernel):
+      return jax.lax.dot_general(
+          x, kernel.astype(dtype), ((axis, tuple(range(n_in))), ((), ())),
+          precision=self.precision)
+
+    y = self._apply_kernel(op, x, kernel, names, in_axes, out_axes)
     if bias is not None:
       y = y + bias
     return y
@@ -175,18 +195,22 @@ class SparseConv(_SparseKernelMixin, nn.Module):
     kernel = self.param(
         'kernel', _kernel_init(self.kernel_init, names, (nd - 2,), (nd - 1,)),
         kernel_shape, self.param_dtype)
-    kernel = self._sparse_kernel(kernel, names, (nd - 2,), (nd - 1,))
     bias = None
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           self.bias_init, names[-1:]), (self.features,), self.param_dtype)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    dtype = _compute_dtype(self.dtype, x, kernel, bias)
+    x, bias = promote_dtype(x, bias, dtype=dtype)
     dn = jax.lax.conv_dimension_numbers(
         x.shape, kernel.shape, ('NHWC', 'HWIO', 'NHWC') if len(window) == 2
         else ('NWC', 'WIO', 'NWC'))
-    y = jax.lax.conv_general_dilated(
-        x, kernel, self.strides or (1,) * len(window), self.padding,
-        dimension_numbers=dn, precision=self.precision)
+
+    def op(x, kernel):
+      return jax.lax.conv_general_dilated(
+          x, kernel.astype(dtype), self.strides or (1,) * len(window),
+          self.padding, dimension_numbers=dn, precision=self.precision)
+
+    y = self._apply_kernel(op, x, kernel, names, (nd - 2,), (nd - 1,))
     if bias is not None:
       y = y + bias
     return y

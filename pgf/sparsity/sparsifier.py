@@ -16,9 +16,12 @@ groups' regexes select. It is the model-agnostic way in:
 and the engine behind pgf's own layers: the train loop builds one from its
 model's boxed parameters (`kernel_sites`) for placement and sharding checks,
 the optax transforms, sparsity statistics, hard-mask evaluation and export.
-Both ways in compute effective kernels with `core.effective_kernel`, so a
-model written with pgf's `SparseDense` and the same model written with
-`flax.linen.Dense` plus a Sparsifier get equal gradients.
+Both ways in compute the same effective kernel (`core.effective_kernel`
+here; `core.sparse_product` in pgf's layers, which recomputes it in the
+backward pass instead of keeping it), so a model written with pgf's
+`SparseDense` and the same model written with `flax.linen.Dense` plus a
+Sparsifier get equal gradients. Memory differs: the stock model's matmuls
+keep the effective kernels for their backward pass.
 """
 
 from __future__ import annotations
