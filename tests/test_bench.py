@@ -14,6 +14,8 @@ from pgf.bench import steps
 from pgf.bench import stock
 from pgf.configs import t5_base
 from pgf.configs import vit_base
+from pgf.sparsity import masks
+from pgf.sparsity import trees
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,6 +63,59 @@ def test_ratios_are_paired_within_rounds():
   assert out['ratio_median'] == pytest.approx(1.1)
   assert (out['ratio_min'], out['ratio_max']) == pytest.approx((1.0, 1.1))
   assert out['overhead_ms'] == pytest.approx(100.0)
+
+
+def _row(name, times, recompute=True):
+  return dict(row=name, pattern='-', recompute=recompute,
+              samples_ms=list(times))
+
+
+def test_pooled_ratio_is_a_paired_t_interval_over_rounds():
+  dense = [100.0, 200.0, 400.0]
+  rows = [_row('dense', dense, None),
+          # Per round, the mean log of the two rows is log 1.0, 1.2, 1.1
+          # times dense (1.0 = sqrt(0.8 * 1.25), 1.2 = sqrt(1.2 * 1.2)).
+          _row('ste', [80.0, 240.0, 440.0]),
+          _row('srste', [125.0, 240.0, 440.0]),
+          _row('ste', [1e6] * 3, recompute=False),   # not pooled
+          _row('mdgf_exp', []),                # untimed (--work_only)
+          _row('stock_flax', [110.0, 220.0, 440.0], None)]
+  out = steps.pooled(rows)
+  d = np.log([1.0, 1.2, 1.1])
+  half = 4.302652729911275 * d.std(ddof=1) / np.sqrt(3)   # t_0.975, df 2
+  assert out['sparse']['rows'] == 2 and out['sparse']['rounds'] == 3
+  assert out['sparse']['ratio'] == pytest.approx(np.exp(d.mean()))
+  assert (out['sparse']['low'], out['sparse']['high']) == pytest.approx(
+      (np.exp(d.mean() - half), np.exp(d.mean() + half)))
+  # A constant ratio has no spread.
+  assert (out['stock']['ratio'], out['stock']['low'],
+          out['stock']['high']) == pytest.approx((1.1, 1.1, 1.1))
+
+
+def test_sparse_work_is_both_passes_and_the_recipe_gradients():
+  base = memory.model_config('vit_mu', batch_size=4)
+  for recompute in (True, False):
+    s = steps.bench_setup(steps.row_config(base, recipe='srste', nm=(1, 4),
+                                           recompute=recompute))
+    plan = s.schedule.plan(s.schedule.sparse_start)
+    params = step_lib.init_state(s, jax.random.key(0)).params
+    grads = jax.tree.map(np.ones_like, params)
+    step = s.schedule.sparse_start
+    out = steps.sparse_work_fn(s, plan)(params, grads, step)
+    assert len(out) == (3 if recompute else 2)
+    paths = sorted(s.sparsifier.matched(plan))
+    flat = trees.flatten(params)
+    lam = float(s.schedule.values(step)['ff']['srste_lambda'])
+    assert lam > 0
+    for i, p in enumerate(paths):
+      w = np.asarray(flat[p])
+      m = masks.nm_mask_reference(w, masks.NM(1, 4), (0,))
+      for kernels in out[:-1]:   # forward, recompute: the hard kernel
+        np.testing.assert_array_equal(np.asarray(kernels[i]), w * m)
+      np.testing.assert_allclose(np.asarray(out[-1][i]),
+                                 np.where(m, 1.0, 1.0 + lam * w), rtol=1e-6)
+  dense = steps.bench_setup(steps.row_config(base))
+  assert steps.sparse_work_fn(dense, dense.schedule.plan(0)) is None
 
 
 def test_default_specs_cover_every_frame_map_and_recompute_off():

@@ -1,7 +1,10 @@
 r"""Times pgf's training step of every recipe against dense, in one process.
 
-  python -m pgf.bench.steps --config=configs/vit_base.py --batch_size=2 \
-      --dtype=float32 --out=experiments/bench/steps_cpu_vit_b16.json
+  python -m pgf.bench.steps --config=configs/vit_base.py --batch_size=8 \
+      --dtype=float32 --rounds=5 \
+      --out=experiments/bench/steps_cpu_vit_b16_b8.json
+  python -m pgf.bench.steps --config=configs/vit_base.py --batch_size=8 \
+      --dtype=float32 --work_only   # dense's step and the sparse work only
   python -m pgf.bench --config=configs/vit_base.py:runlocal   # the same
 
 Every row runs `pgf.step.make_train_step` (the step `pgf.train` runs) on the
@@ -28,6 +31,16 @@ round, summarised by the median and the range over rounds. `overhead_ms`
 is the median within-round difference to dense: the sparse step's extra
 work, which does not grow with the batch (masks are a function of the
 weights), so ratios at a reduced batch overstate the full-batch ratio.
+The pooled line compares all sparse rows with dense over rounds (a paired
+t-interval on log ms); the stock model against dense is the same
+comparison between two dense models, the noise floor of the machine.
+
+Sparse work: a whole-step ratio cannot resolve a few per cent where steps
+vary by 10 % from round to round (2 CPU cores). So the sparse part of each
+row's step is also timed alone (`sparse_work_fn`: masks and effective
+kernels of the forward and the backward pass, the recipe's gradient
+transforms), in many short samples, and reported with the step ratio it
+implies, 1 + work / dense ms. --work_only times just that and dense's step.
 
 Memory: per row, the compiled step's `memory_analysis()` (argument, output,
 alias and XLA temporary bytes; peak_bytes = argument + output - alias +
@@ -46,6 +59,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -68,6 +82,8 @@ from pgf import step as step_lib
 from pgf import tasks
 from pgf.bench import stock
 import pgf.configs as pgf_configs
+from pgf.sparsity import trees
+from pgf.study import stats
 
 FLAGS = flags.FLAGS
 ROLES = ('ff', 'q', 'k', 'v', 'o')
@@ -172,10 +188,13 @@ class Row:
   compile_fn: Callable[[], Any]
   jitted: Any = None
   call: Any = None          # pgf rows: the make_train_step function
+  setup: Any = None         # pgf rows: their Setup and static plan
+  plan: Any = None
   compile_s: float = 0.0
   first_call_s: float = 0.0
   memory: dict = dataclasses.field(default_factory=dict)
   times: list = dataclasses.field(default_factory=list)
+  work_ms: list = dataclasses.field(default_factory=list)
 
   @property
   def label(self) -> str:
@@ -263,7 +282,8 @@ def pgf_rows(s: step_lib.Setup, shared: _Shared, batch, *, name: str,
 
     rows.append(Row(row=name, pattern=plan.describe() if plan else '-',
                     recompute=recompute if plan else None, run=run,
-                    compile_fn=compile_fn, jitted=fn.jitted, call=fn))
+                    compile_fn=compile_fn, jitted=fn.jitted, call=fn,
+                    setup=s, plan=plan))
   return rows
 
 
@@ -444,6 +464,108 @@ def run_schedule(bench: Bench, name: str) -> dict:
               steps_run=len(points), executables=int(fn.jitted._cache_size()))
 
 
+def sparse_work_fn(s: step_lib.Setup, plan) -> Callable | None:
+  """The work a sparse step adds to the dense one, alone: a jitted function
+  (params, grads, step) -> arrays, or None if `plan` has no sparse kernel.
+
+  It computes what the step computes beyond the dense model: every sparse
+  kernel's mask and effective kernel as the forward pass does, again as the
+  backward pass recomputes them (sparsity.recompute, the default; the copy
+  is tied to the first pass's output as `core.sparse_product` ties it to
+  the incoming gradient, so XLA cannot merge the two), and the recipe's
+  gradient transforms (SR-STE's refill, MdGf's scaled flow). Every result
+  is materialised, as the step's products need their kernel operands.
+  Timing it measures the sparse step's overhead without the noise of
+  timing two whole steps; what it leaves out are effects on the rest of
+  the step's program (fusion, scheduling), which only the step rows show.
+  """
+  sp = s.sparsifier
+  paths = sorted(sp.matched(plan))
+  if not paths:
+    return None
+  passes = 2 if s.config.sparsity.recompute else 1
+  tx = sp.gradient_transform()
+
+  def work(params, grads, step):
+    out, after = [], params
+    for _ in range(passes):
+      flat = trees.flatten(sp.apply(after, step, plan=plan))
+      out.append([flat[p] for p in paths])
+      tie = 1 + 0 * out[-1][0].reshape(-1)[0]
+      flat = trees.flatten(params)
+      after = trees.unflatten({k: v * tie.astype(v.dtype) if k in paths
+                               else v for k, v in flat.items()})
+    updates, _ = tx.update(grads, tx.init(params), params, step=step,
+                           plan=plan)
+    flat = trees.flatten(updates)
+    out.append([flat[p] for p in paths])
+    return out
+
+  return jax.jit(work)
+
+
+def time_work(rows: list[Row], params, *, repeats: int = 7,
+              min_sample_ms: float = 20.0) -> None:
+  """Times `sparse_work_fn` of every sparse pgf row (after its steps were
+  timed, so it never disturbs them): `repeats` samples, each at least
+  `min_sample_ms` of back-to-back calls. Sets row.work_ms (ms per call)."""
+  grads = jax.tree.map(jnp.ones_like, params)
+  for r in rows:
+    if r.setup is None or r.plan is None:
+      continue
+    fn = sparse_work_fn(r.setup, r.plan)
+    if fn is None:
+      continue
+    step = jnp.asarray(r.setup.schedule.sparse_start, jnp.int32)
+    with _mesh(r.setup):
+      jax.block_until_ready(fn(params, grads, step))
+      t = time.perf_counter()
+      jax.block_until_ready(fn(params, grads, step))
+      calls = max(1, int(min_sample_ms / 1e3 / max(
+          time.perf_counter() - t, 1e-6)))
+      samples = []
+      for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+          out = fn(params, grads, step)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t) / calls)
+    r.work_ms = [1e3 * x for x in samples]
+    print(f'sparse work {r.label}: {min(r.work_ms):.2f} ms', flush=True)
+
+
+def pooled(rows: list[dict]) -> dict[str, dict]:
+  """Paired comparisons over rounds (the unit of replication: within a
+  round every row shares the dense sample) on log ms per step.
+
+  'sparse': the mean over every sparse row (recompute on) of its log ms,
+  per round, against dense's; 'stock': the stock Flax model against
+  dense, the ratio of two dense models of the same computation, which
+  shows the noise of this machine's step times. Ratios are exp of the
+  mean paired log difference, with its 95 % t-interval; None where there
+  are fewer than 2 rounds.
+  """
+  dense = next(r for r in rows if r['row'] == 'dense')
+  groups = {
+      'sparse': [r for r in rows if r['row'] not in ('dense', 'stock_flax')
+                 and r['recompute'] is not False],
+      'stock': [r for r in rows if r['row'] == 'stock_flax']}
+  base = np.log(dense['samples_ms'])
+  out = {}
+  for name, members in groups.items():
+    # Rows that were not timed (--work_only) have no rounds to pair.
+    members = [r for r in members if len(r['samples_ms']) == len(base)]
+    if not members or len(base) < 2:
+      continue
+    x = np.mean([np.log(r['samples_ms']) for r in members], axis=0)
+    t = stats.paired_test(x, base)
+    out[name] = dict(rows=len(members), rounds=t.n, ratio=math.exp(t.mean),
+                     low=math.exp(t.low), high=math.exp(t.high), p_t=t.p_t,
+                     test='95 % t-interval over rounds of the mean paired '
+                          'log(ms) difference')
+  return out
+
+
 def _spread(values) -> dict[str, float]:
   return dict(min=min(values), median=statistics.median(values),
               max=max(values))
@@ -453,21 +575,28 @@ def summarize(rows: list[Row]) -> list[dict]:
   """Per row: ms min/median/max; within-round ratios to dense and stock."""
   dense = next(r for r in rows if r.row == 'dense')
   ref_stock = next((r for r in rows if r.row == 'stock_flax'), None)
+  dense_ms = 1e3 * statistics.median(dense.times)
   out = []
   for r in rows:
-    ms = _spread([1e3 * t for t in r.times])
-    ratio = _spread([a / b for a, b in zip(r.times, dense.times)])
     d = dict(row=r.row, pattern=r.pattern, recompute=r.recompute,
-             ms_min=ms['min'], ms_median=ms['median'], ms_max=ms['max'],
-             ratio_median=ratio['median'], ratio_min=ratio['min'],
-             ratio_max=ratio['max'],
-             overhead_ms=1e3 * statistics.median(
-                 [a - b for a, b in zip(r.times, dense.times)]),
              compile_s=r.compile_s, first_call_s=r.first_call_s,
              samples_ms=[1e3 * t for t in r.times], **r.memory)
-    if ref_stock is not None:
-      d['ratio_to_stock_median'] = statistics.median(
-          [a / b for a, b in zip(r.times, ref_stock.times)])
+    if r.times:
+      ms = _spread([1e3 * t for t in r.times])
+      ratio = _spread([a / b for a, b in zip(r.times, dense.times)])
+      d.update(ms_min=ms['min'], ms_median=ms['median'], ms_max=ms['max'],
+               ratio_median=ratio['median'], ratio_min=ratio['min'],
+               ratio_max=ratio['max'],
+               overhead_ms=1e3 * statistics.median(
+                   [a - b for a, b in zip(r.times, dense.times)]))
+      if ref_stock is not None:
+        d['ratio_to_stock_median'] = statistics.median(
+            [a / b for a, b in zip(r.times, ref_stock.times)])
+    if r.work_ms:
+      # The step ratio the sparse work alone would give.
+      d.update(work_ms=r.work_ms, work_ms_min=min(r.work_ms),
+               work_ms_median=statistics.median(r.work_ms),
+               work_ratio=1 + statistics.median(r.work_ms) / dense_ms)
     out.append(d)
   return out
 
@@ -528,20 +657,42 @@ def markdown(meta: dict, rows: list[dict]) -> str:
       'ms per step over rounds (min / median / max); x dense = the ratio '
       'to the dense row within each round, median [min, max] over rounds; '
       'x stock likewise against the stock Flax model; overhead = median '
-      'within-round ms over dense; memory from the compiled step '
+      'within-round ms over dense; sparse work = the sparse part of the '
+      'step timed alone (masks and effective kernels of the forward and '
+      'the backward pass, the recipe\'s gradient transforms: '
+      '`sparse_work_fn`), ms median [min] and the step ratio it implies, '
+      '1 + work / dense ms (median); memory from the compiled step '
       '(XLA temp; peak = arguments + outputs - aliased + temp).', '',
       '| row | pattern | ms min / med / max | x dense med [min, max] | '
-      'x stock | overhead ms | temp MiB | peak MiB | compile s |',
-      '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+      'x stock | overhead ms | sparse work ms | x dense from work | '
+      'temp MiB | peak MiB | compile s |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
     name = r['row'] + (' (recompute off)' if r['recompute'] is False else '')
+    step = ['-'] * 4
+    if 'ms_median' in r:
+      step = [f"{r['ms_min']:.1f} / {r['ms_median']:.1f} / {r['ms_max']:.1f}",
+              f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, "
+              f"{r['ratio_max']:.3f}]",
+              f"{r['ratio_to_stock_median']:.3f}"
+              if 'ratio_to_stock_median' in r else '-',
+              f"{r['overhead_ms']:+.1f}"]
+    work = (f"{r['work_ms_median']:.2f} [{r['work_ms_min']:.2f}] | "
+            f"{r['work_ratio']:.4f}" if 'work_ms_median' in r else '- | -')
+    compile_s = f"{r['compile_s']:.0f}" if r['compile_s'] else '-'
     lines.append(
-        f"| {name} | {r['pattern']} | {r['ms_min']:.1f} / "
-        f"{r['ms_median']:.1f} / {r['ms_max']:.1f} | "
-        f"{r['ratio_median']:.3f} [{r['ratio_min']:.3f}, "
-        f"{r['ratio_max']:.3f}] | {r.get('ratio_to_stock_median', 0):.3f} | "
-        f"{r['overhead_ms']:+.1f} | {_mib(r.get('temp_bytes'))} | "
-        f"{_mib(r.get('peak_bytes'))} | {r['compile_s']:.0f} |")
+        f"| {name} | {r['pattern']} | {' | '.join(step)} | {work} | "
+        f"{_mib(r.get('temp_bytes'))} | {_mib(r.get('peak_bytes'))} | "
+        f"{compile_s} |")
+  for name, p in meta.get('pooled', {}).items():
+    what = ('every sparse row (recompute on), mean log ms' if name == 'sparse'
+            else 'stock Flax (a second dense model: the noise)')
+    lines += ['', f"Pooled over rounds, {what} vs dense: "
+              f"**{p['ratio']:.3f}** [{p['low']:.3f}, {p['high']:.3f}] "
+              f"({p['rows']} rows, {p['rounds']} rounds; {p['test']})."]
+  if meta.get('work_only'):
+    lines += ['', 'Work-only run: the sparse rows\' steps were not compiled '
+              'or timed (`--work_only`).']
   counts = meta.get('compile_counts')
   if counts:
     lines += ['', 'Executables per jitted step after the run (one per '
@@ -554,14 +705,29 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 def run_bench(base, *, config_name: str, command: str, rounds: int,
               steps: int, warmup: int, batch_note: str, specs,
               compile_budget_s: float | None = None,
-              time_budget_s: float | None = None, **kw
+              time_budget_s: float | None = None, work_repeats: int = 7,
+              work_only: bool = False, **kw
               ) -> tuple[dict, list[dict], Bench]:
-  """Builds, compiles and times every row; returns (meta, rows, bench)."""
+  """Builds, compiles and times every row, then times the sparse work of
+  every sparse row (`work_repeats` samples; 0: not); returns (meta, rows,
+  bench). work_only: times dense's step and the sparse work only."""
   load_before = load_text()
+  if work_only:
+    kw['stock_model'] = False
   bench = Bench(base, **kw)
-  skipped = prepare(bench, specs, warmup=warmup, budget_s=compile_budget_s)
-  done = time_rows(bench.rows, rounds=rounds, steps=steps,
-                   budget_s=time_budget_s)
+  if work_only:
+    # Only dense's step is compiled and timed (the work's reference).
+    compile_rows(bench.rows, warmup=warmup)
+    done = time_rows(bench.rows, rounds=rounds, steps=steps)
+    for spec in specs:
+      bench.add(spec)
+    skipped = []
+  else:
+    skipped = prepare(bench, specs, warmup=warmup, budget_s=compile_budget_s)
+    done = time_rows(bench.rows, rounds=rounds, steps=steps,
+                     budget_s=time_budget_s)
+  if work_repeats:
+    time_work(bench.rows, bench.shared.params, repeats=work_repeats)
   rows = summarize(bench.rows)
   c = bench.config
   meta = dict(
@@ -574,12 +740,15 @@ def run_bench(base, *, config_name: str, command: str, rounds: int,
       stock_param_count=next((r.get('params') for r in rows
                               if r['row'] == 'stock_flax'), None),
       compile_counts=compile_counts(bench),
-      left_out=[dataclasses.asdict(x) for x in skipped])
+      left_out=[dataclasses.asdict(x) for x in skipped],
+      pooled=pooled(rows), work_only=work_only)
   return meta, rows, bench
 
 
 def write(out: str, meta: dict, rows: list[dict]) -> None:
   """out (JSON) and the Markdown table beside it (.md)."""
+  if os.path.dirname(out):
+    os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, 'w') as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
   with open(os.path.splitext(out)[0] + '.md', 'w') as f:
@@ -601,7 +770,8 @@ def main(argv):
       base, config_name=f['config'].config_filename,
       command='python -m pgf.bench.steps ' + ' '.join(sys.argv[1:]),
       rounds=f.rounds, steps=f.steps, warmup=f.warmup, batch_note=note,
-      specs=specs, role=f.role, batch_size=f.batch_size, dtype=f.dtype)
+      specs=specs, role=f.role, batch_size=f.batch_size, dtype=f.dtype,
+      work_repeats=f.work_repeats, work_only=f.work_only)
   print(markdown(meta, rows))
   if f.out:
     write(f.out, meta, rows)
@@ -627,6 +797,10 @@ def define_flags():
   flags.DEFINE_integer('steps', 1, 'Steps per sample.')
   flags.DEFINE_integer('warmup', 2, 'Untimed calls per row (the first '
                        'includes compiling).')
+  flags.DEFINE_integer('work_repeats', 7, 'Samples of each sparse row\'s '
+                       'work alone (sparse_work_fn); 0 = not timed.')
+  flags.DEFINE_bool('work_only', False, 'Time dense\'s step and every '
+                    'sparse row\'s work alone, not the sparse steps.')
   flags.DEFINE_string('out', '', 'JSON output (.md beside it); "" = none.')
 
 
