@@ -652,8 +652,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
       f"JAX {meta['jax']}; batch {meta['batch_size']} ({meta['batch_note']})"
       f"; dtype {meta['dtype']}; {meta['rounds']} rounds of "
       f"{meta['steps']} step(s) per row; parameters "
-      f"{meta['param_count']:,} (stock model "
-      f"{meta.get('stock_param_count') or 0:,})", '',
+      f"{meta['param_count']:,}" + (
+          f" (stock model {meta['stock_param_count']:,})"
+          if meta.get('stock_param_count') else ' (no stock model)'), '',
       'ms per step over rounds (min / median / max); x dense = the ratio '
       'to the dense row within each round, median [min, max] over rounds; '
       'x stock likewise against the stock Flax model; overhead = median '
