@@ -118,6 +118,39 @@ def test_sparse_work_is_both_passes_and_the_recipe_gradients():
   assert steps.sparse_work_fn(dense, dense.schedule.plan(0)) is None
 
 
+def test_a_run_killed_after_its_rounds_keeps_them(tmp_path, monkeypatch):
+  # The work timing comes after every round; a run that dies there (a
+  # kill, a restart) must leave its timed rounds on disk, marked partial.
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(steps, 'time_work', killed)
+  out = str(tmp_path / 'steps.json')
+  seen = []
+
+  def partial(meta, rows):
+    seen.append((meta['rounds'], meta.get('partial')))
+    steps.write(out, meta, rows)
+
+  specs = steps.default_specs(recipes=('ste',), patterns=('1:4',), sdgf=(),
+                              recompute_off=())
+  with pytest.raises(KeyboardInterrupt):
+    steps.run_bench(memory.model_config('vit_mu', batch_size=4),
+                    config_name='vit_mu', command='c', rounds=2, steps=1,
+                    warmup=1, batch_note='n', specs=specs, work_repeats=1,
+                    stock_model=False, partial=partial)
+  assert seen == [(1, 'not yet run: 1 of 2 rounds, the sparse work'),
+                  (2, 'not yet run: the sparse work')]
+  with open(out) as f:
+    saved = json.load(f)
+  assert saved['meta']['rounds'] == 2
+  assert [(r['row'], len(r['samples_ms'])) for r in saved['rows']] == [
+      ('dense', 2), ('ste', 2)]
+  assert all('work_ms' not in r for r in saved['rows'])
+  text = (tmp_path / 'steps.md').read_text()
+  assert '**Partial results**' in text and '| ste | ff=1:4 |' in text
+  assert not list(tmp_path.glob('*.tmp'))
+
+
 def test_default_specs_cover_every_frame_map_and_recompute_off():
   specs = steps.default_specs(recipes=('ste', 'srste'),
                               patterns=('2:4', '1:64'),

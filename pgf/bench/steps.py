@@ -48,7 +48,10 @@ temp), and on backends that have them the device's `memory_stats()` after
 the row's first call (peak_bytes_in_use is process-wide and only grows, so
 it is attributed to a row only when it grew during that row).
 
-Writes JSON (--out) and a Markdown table beside it.
+Writes JSON (--out) and a Markdown table beside it, first after every
+timed round (marked partial: what has not run yet) and again at the end, so
+that a run killed during its work timing or its later rounds keeps what it
+measured. Each file is replaced atomically.
 """
 
 from __future__ import annotations
@@ -421,11 +424,13 @@ def prepare(bench: Bench, specs, *, warmup: int = 1,
 
 
 def time_rows(rows: list[Row], *, rounds: int, steps: int,
-              budget_s: float | None = None, min_rounds: int = 3) -> int:
+              budget_s: float | None = None, min_rounds: int = 3,
+              on_round: Callable[[int], None] | None = None) -> int:
   """Up to `rounds` rounds; each times every row once, the order rotating
   by one row per round. With `budget_s`, stops after the round that would
-  let the next one end past it (but runs at least `min_rounds`). Returns
-  the number of rounds run."""
+  let the next one end past it (but runs at least `min_rounds`). Calls
+  `on_round(rounds done)` after each round. Returns the number of rounds
+  run."""
   start = time.perf_counter()
   for k in range(rounds):
     t_round = time.perf_counter()
@@ -436,6 +441,8 @@ def time_rows(rows: list[Row], *, rounds: int, steps: int,
       r.times.append((time.perf_counter() - t) / steps)
     now = time.perf_counter()
     print(f'round {k + 1}/{rounds} done', flush=True)
+    if on_round is not None:
+      on_round(k + 1)
     if (budget_s is not None and k + 1 >= min_rounds
         and now - start + (now - t_round) > budget_s):
       return k + 1
@@ -691,6 +698,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines += ['', f"Pooled over rounds, {what} vs dense: "
               f"**{p['ratio']:.3f}** [{p['low']:.3f}, {p['high']:.3f}] "
               f"({p['rows']} rows, {p['rounds']} rounds; {p['test']})."]
+  if meta.get('partial'):
+    lines += ['', f"**Partial results** (the run stopped or is still "
+              f"running): {meta['partial']}."]
   if meta.get('work_only'):
     lines += ['', 'Work-only run: the sparse rows\' steps were not compiled '
               'or timed (`--work_only`).']
@@ -707,54 +717,79 @@ def run_bench(base, *, config_name: str, command: str, rounds: int,
               steps: int, warmup: int, batch_note: str, specs,
               compile_budget_s: float | None = None,
               time_budget_s: float | None = None, work_repeats: int = 7,
-              work_only: bool = False, **kw
-              ) -> tuple[dict, list[dict], Bench]:
+              work_only: bool = False,
+              partial: Callable[[dict, list[dict]], None] | None = None,
+              **kw) -> tuple[dict, list[dict], Bench]:
   """Builds, compiles and times every row, then times the sparse work of
   every sparse row (`work_repeats` samples; 0: not); returns (meta, rows,
-  bench). work_only: times dense's step and the sparse work only."""
+  bench). work_only: times dense's step and the sparse work only.
+
+  partial(meta, rows), if given, receives the results so far after every
+  timed round (meta['partial'] says what is missing), so that a run killed
+  later (the work timing of a T5-Base run takes minutes) keeps its rounds.
+  """
   load_before = load_text()
   if work_only:
     kw['stock_model'] = False
   bench = Bench(base, **kw)
+  skipped = []
+
+  def results(done, missing=None):
+    rows = summarize(bench.rows)
+    c = bench.config
+    meta = dict(
+        command=command, date=datetime.date.today().isoformat(),
+        device=device_name(), load_before=load_before,
+        load_after=load_text(), jax=jax.__version__, config=config_name,
+        model=f'{c.model.name} {c.model.variant}', batch_size=c.batch_size,
+        batch_note=batch_note, dtype=c.model.dtype, rounds=done,
+        steps=steps, param_count=bench.param_count,
+        stock_param_count=next((r.get('params') for r in rows
+                                if r['row'] == 'stock_flax'), None),
+        compile_counts=compile_counts(bench),
+        left_out=[dataclasses.asdict(x) for x in skipped],
+        pooled=pooled(rows), work_only=work_only)
+    if missing:
+      meta['partial'] = missing
+    return meta, rows
+
+  def on_round(done):
+    if partial is not None:
+      left = [f'{rounds - done} of {rounds} rounds'] if done < rounds else []
+      if work_repeats:
+        left.append('the sparse work')
+      partial(*results(done, 'not yet run: ' + ', '.join(left)
+                       if left else None))
+
   if work_only:
     # Only dense's step is compiled and timed (the work's reference).
     compile_rows(bench.rows, warmup=warmup)
     done = time_rows(bench.rows, rounds=rounds, steps=steps)
     for spec in specs:
       bench.add(spec)
-    skipped = []
   else:
     skipped = prepare(bench, specs, warmup=warmup, budget_s=compile_budget_s)
     done = time_rows(bench.rows, rounds=rounds, steps=steps,
-                     budget_s=time_budget_s)
+                     budget_s=time_budget_s, on_round=on_round)
   if work_repeats:
     time_work(bench.rows, bench.shared.params, repeats=work_repeats)
-  rows = summarize(bench.rows)
-  c = bench.config
-  meta = dict(
-      command=command, date=datetime.date.today().isoformat(),
-      device=device_name(), load_before=load_before, load_after=load_text(),
-      jax=jax.__version__, config=config_name,
-      model=f'{c.model.name} {c.model.variant}', batch_size=c.batch_size,
-      batch_note=batch_note, dtype=c.model.dtype, rounds=done,
-      steps=steps, param_count=bench.param_count,
-      stock_param_count=next((r.get('params') for r in rows
-                              if r['row'] == 'stock_flax'), None),
-      compile_counts=compile_counts(bench),
-      left_out=[dataclasses.asdict(x) for x in skipped],
-      pooled=pooled(rows), work_only=work_only)
+  meta, rows = results(done)
   return meta, rows, bench
 
 
 def write(out: str, meta: dict, rows: list[dict]) -> None:
-  """out (JSON) and the Markdown table beside it (.md)."""
+  """out (JSON) and the Markdown table beside it (.md), each replaced
+  atomically (a run killed while writing leaves the previous version)."""
   if os.path.dirname(out):
     os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, 'w') as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  with open(os.path.splitext(out)[0] + '.md', 'w') as f:
-    f.write(markdown(meta, rows))
-  print(f'Wrote {out} and its .md', flush=True)
+  texts = {out: json.dumps(dict(meta=meta, rows=rows), indent=1),
+           os.path.splitext(out)[0] + '.md': markdown(meta, rows)}
+  for path, text in texts.items():
+    with open(path + '.tmp', 'w') as f:
+      f.write(text)
+    os.replace(path + '.tmp', path)
+  print(f'Wrote {out} and its .md' + (' (partial)' if meta.get('partial')
+                                       else ''), flush=True)
 
 
 def main(argv):
@@ -772,7 +807,8 @@ def main(argv):
       command='python -m pgf.bench.steps ' + ' '.join(sys.argv[1:]),
       rounds=f.rounds, steps=f.steps, warmup=f.warmup, batch_note=note,
       specs=specs, role=f.role, batch_size=f.batch_size, dtype=f.dtype,
-      work_repeats=f.work_repeats, work_only=f.work_only)
+      work_repeats=f.work_repeats, work_only=f.work_only,
+      partial=(lambda m, r: write(f.out, m, r)) if f.out else None)
   print(markdown(meta, rows))
   if f.out:
     write(f.out, meta, rows)
