@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pgf import step as step_lib
+from pgf.bench import masks as bench_masks
 from pgf.bench import memory
 from pgf.bench import steps
 from pgf.bench import stock
@@ -149,6 +150,44 @@ def test_a_run_killed_after_its_rounds_keeps_them(tmp_path, monkeypatch):
   text = (tmp_path / 'steps.md').read_text()
   assert '**Partial results**' in text and '| ste | ff=1:4 |' in text
   assert not list(tmp_path.glob('*.tmp'))
+
+
+def test_every_mask_sample_follows_a_floor_sample():
+  order = []
+
+  def fake(name):
+    def fn(x):
+      order.append(name)
+      return x
+    return fn, (np.zeros(2),)
+
+  calls = {'floor': fake('floor'), 'a': fake('a'), 'b': fake('b')}
+  samples, pairs = bench_masks._round_robin(calls, repeats=3,
+                                            min_sample_s=0.0)
+  # Two calls each to size the samples (one call per sample here), then
+  # per round floor, a, floor, b, each sample after two untimed calls.
+  assert order[6:] == (['floor'] * 3 + ['a'] * 3 + ['floor'] * 3
+                       + ['b'] * 3) * 3
+  assert [len(samples[k]) for k in ('floor', 'a', 'b')] == [6, 3, 3]
+  assert [x for _, x in pairs['a']] == samples['a']
+  assert [f for f, _ in pairs['a']] == samples['floor'][0::2]
+  assert [f for f, _ in pairs['b']] == samples['floor'][1::2]
+  # Median over rounds of row / the floor just before it: 2, 1.5, 1.
+  assert bench_masks._paired_ratio([(1.0, 2.0), (2.0, 3.0), (4.0, 4.0)]) == (
+      1.5, 1.0, 2.0)
+
+
+def test_two_pass_bound_reads_each_group_then_writes_the_mask():
+  w = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+  (read, (a,)), (write, (index,)) = bench_masks._two_passes(
+      jax.numpy.asarray(w), (0,))
+  np.testing.assert_array_equal(
+      np.asarray(read(a)),
+      np.abs(w).reshape(4, 16, 3).max(axis=1).view(np.int32))
+  mask = np.asarray(write(index))
+  assert mask.shape == w.shape and mask.dtype == bool
+  np.testing.assert_array_equal(
+      mask, np.broadcast_to(np.arange(64)[:, None] % 16 == 0, w.shape))
 
 
 def test_default_specs_cover_every_frame_map_and_recompute_off():

@@ -7,11 +7,24 @@ Kernels: the ViT-B/16 and T5-Base shapes (T5-Base's attention kernels have
 ViT-B's shapes and are timed once), groups along the contraction axes ('in',
 the default of pgf's layers) and along the output axes ('out'), float32 and
 bfloat16. For each kernel and dtype the jitted masks of every pattern are
-timed round-robin with two references, so that all rows of a kernel share
-the machine's state:
+timed round-robin against these references, so that all rows of a kernel
+share the machine's state:
 
 * floor: a jitted `jnp.abs(w) > c`, which reads the kernel and writes a bool
-  array: the same I/O as the mask, one elementwise pass.
+  array: the same I/O as the mask, one elementwise pass. It is timed just
+  before every sample of every row: `x floor` is a row's min time over the
+  floor's min (over all its samples), `paired` the median over rounds of a
+  row's sample over the floor sample just before it. On the project's
+  2-core VM the floor's time swings 2-4x with the machine's state (0.09-0.54
+  ms on ViT-B's 768x3072 kernel, idle); a floor timed once per round among
+  many rows in short samples (this benchmark before 2026-12-03) could be
+  caught in its slow state and make masks look faster than one pass.
+* two passes: a reduction over groups of 16 on the integer keys (reads the
+  kernel, writes 1/16 of it) plus a bool mask from one stored index per
+  group (writes the mask), min times summed. Every exact mask made of XLA
+  ops needs both: a loop fusion computes each output element alone, so a
+  group's mask bits can be written only after a pass over the group has
+  stored its result. Printed per kernel (`two_pass_ms` in the JSON).
 * copy: a large jitted elementwise op (`x * 2 + 1` on 256 MiB, in place),
   the machine's memory bandwidth (the kernels themselves fit in its L3).
 
@@ -20,8 +33,9 @@ replaced, kept here as a private copy) and `jaxpruner` (jaxpruner's N:M
 formulation, a double argsort of -|w| along the group axis; its time does not
 depend on N, so it is timed once per M). Compile time is excluded (reported
 separately); each sample is the mean of enough back-to-back calls to last
---min_sample_ms; min and median over --repeats samples (3 for calls over
-0.1 s). GB/s = (kernel bytes
+--min_sample_ms, after half as many untimed calls (the first calls after
+other work are 2-10x slower); min and median over --repeats samples (3 for
+calls over 0.1 s). GB/s = (kernel bytes
 + mask bytes) / min time. `agree` checks pgf's mask against jaxpruner's
 (both exact with the lower-index tie rule on these NaN-free kernels).
 The optional `vit_ti_ff` row masks the 24 FF kernels of ViT-Ti/16 (12
@@ -61,7 +75,8 @@ flags.DEFINE_list('groups', ['in', 'out'],
                   "Group axes: 'in' (contraction) and/or 'out' (output).")
 flags.DEFINE_list('impls', ['pgf', 'main', 'jaxpruner'], 'Implementations.')
 flags.DEFINE_integer('repeats', 7, 'Interleaved samples per row.')
-flags.DEFINE_float('min_sample_ms', 3.0, 'Minimum duration of one sample.')
+flags.DEFINE_float('min_sample_ms', 10.0,
+                   'Minimum duration of one sample.')
 flags.DEFINE_string('out', '', 'JSON output path ('' = no file).')
 
 # set -> {kernel name: (shape, contraction axes, output axes)}.
@@ -169,8 +184,16 @@ def _compile(fn, *args):
   return compiled, time.perf_counter() - start
 
 
-def _round_robin(calls, repeats, min_sample_s):
-  """calls: name -> (compiled, args). Returns name -> list of seconds."""
+def _round_robin(calls, repeats, min_sample_s, reference='floor'):
+  """calls: name -> (compiled, args). Returns (name -> list of seconds,
+  name -> list of (reference seconds, seconds)).
+
+  In every round each call's sample is preceded by a sample of
+  `reference`, so that every row is paired with a floor measured just
+  before it, in the machine's state of that moment (on the shared 2-core
+  machine a one-pass op's time swings 2-4x with what else runs), and the
+  reference gets as many samples as all rows together.
+  """
   inner = {}
   for name, (fn, args) in calls.items():
     jax.block_until_ready(fn(*args))
@@ -178,17 +201,38 @@ def _round_robin(calls, repeats, min_sample_s):
     jax.block_until_ready(fn(*args))
     once = time.perf_counter() - start
     inner[name] = int(min(200, max(1, min_sample_s / max(once, 1e-7))))
+
+  def sample(name):
+    fn, args = calls[name]
+    # Untimed calls first: after other work a one-pass op takes several
+    # calls to reach its steady speed (the first calls 2-10x slower).
+    for _ in range(max(2, inner[name] // 2)):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(inner[name]):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / inner[name]
+
   samples = {name: [] for name in calls}
+  pairs = {name: [] for name in calls if name != reference}
   for r in range(repeats):
-    for name, (fn, args) in calls.items():
+    for name in pairs:
       if r >= _SLOW_REPEATS and min(samples[name]) > _SLOW_S:
         continue   # seconds per call (the argsorts): fewer samples
-      start = time.perf_counter()
-      for _ in range(inner[name]):
-        out = fn(*args)
-      jax.block_until_ready(out)
-      samples[name].append((time.perf_counter() - start) / inner[name])
-  return samples
+      ref = sample(reference)
+      samples[reference].append(ref)
+      samples[name].append(sample(name))
+      pairs[name].append((ref, samples[name][-1]))
+  return samples, pairs
+
+
+def _paired_ratio(pairs):
+  """Median over rounds of a row's time over the floor timed just before
+  it (and the range)."""
+  ratios = [x / ref for ref, x in pairs]
+  return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def _stats(seconds):
@@ -221,11 +265,38 @@ def _unique_kernels(sets):
   return kernels
 
 
+# Group length of the two-pass bound's passes.
+_BOUND_M = 16
+
+
+def _two_passes(w, axes):
+  """The two passes every exact mask XLA can build needs (one loop fusion
+  computes each output element alone, so a group's mask bits can only be
+  written once a pass over the whole group has stored its result): a
+  reduction over groups of 16 (reads the kernel, writes 1/16 of it) and a
+  mask from one stored index per group (reads 1/16, writes the bool mask).
+  Returns the two jitted callables with their arguments."""
+  g = masks_lib._grouped(w, masks_lib.check_groupable(
+      w.shape, NM(1, _BOUND_M), axes), _BOUND_M)
+  gaxis = axes[0] + 1
+  # On the integer keys nm_mask compares (a float max is slower on CPU).
+  read, _ = _compile(lambda w: jnp.max(masks_lib._keys(masks_lib._grouped(
+      w, axes, _BOUND_M)), axis=gaxis), w)
+  index = jnp.zeros(g.shape[:gaxis] + g.shape[gaxis + 1:], jnp.int32)
+
+  def write_fn(index):
+    pos = jax.lax.broadcasted_iota(jnp.int32, g.shape, gaxis)
+    return (pos == jnp.expand_dims(index, gaxis)).reshape(w.shape)
+  write, _ = _compile(write_fn, index)
+  return (read, (w,)), (write, (index,))
+
+
 def _bench_kernel(shape, axes, dtype, patterns, impls, rng):
   w = jnp.asarray(rng.normal(size=shape), dtype)
   calls, compile_s = {}, {}
   calls['floor'], _ = _compile(lambda w: jnp.abs(w) > 0.5, w)
   calls['floor'] = (calls['floor'], (w,))
+  calls['read'], calls['write'] = _two_passes(w, axes)
   done_m = set()
   for nm in patterns:
     for impl in impls:
@@ -237,7 +308,8 @@ def _bench_kernel(shape, axes, dtype, patterns, impls, rng):
       fn, compile_s[key] = _compile(
           lambda w, f=IMPLS[impl], nm=nm: f(w, nm, axes), w)
       calls[key] = (fn, (w,))
-  samples = _round_robin(calls, FLAGS.repeats, FLAGS.min_sample_ms / 1e3)
+  samples, pairs = _round_robin(calls, FLAGS.repeats,
+                                FLAGS.min_sample_ms / 1e3)
   floor = _stats(samples['floor'])
   nbytes = w.nbytes + w.size   # kernel read + bool mask written
   ranks = {}
@@ -247,8 +319,11 @@ def _bench_kernel(shape, axes, dtype, patterns, impls, rng):
     for impl in impls:
       key = (impl, str(nm) if impl != 'jaxpruner' else f'*:{nm.m}')
       lo, med = _stats(samples[key])
+      paired = _paired_ratio(pairs[key])
       row[impl] = {'min_ms': lo, 'median_ms': med, 'x_floor': lo / floor[0],
                    'x_floor_median': med / floor[1],
+                   'x_floor_paired': paired[0],
+                   'x_floor_paired_range': paired[1:],
                    'gb_per_s': nbytes / lo / 1e6,
                    'compile_s': compile_s[key]}
     if 'pgf' in impls and 'jaxpruner' in impls:
@@ -258,7 +333,9 @@ def _bench_kernel(shape, axes, dtype, patterns, impls, rng):
       got = calls[('pgf', str(nm))][0](w)
       row['agree'] = bool(jnp.array_equal(got, ranks[nm.m] < nm.n))
     rows.append(row)
+  bound = min(samples['read']) * 1e3 + min(samples['write']) * 1e3
   return {'floor_ms': floor, 'floor_gb_per_s': nbytes / floor[0] / 1e6,
+          'two_pass_ms': bound, 'two_pass_x_floor': bound / floor[0],
           'rows': rows}
 
 
@@ -270,28 +347,33 @@ def _bench_vit_ti_ff(dtype, patterns, rng):
     fn, _ = _compile(lambda ws, nm=nm: [
         masks_lib.nm_mask(w, nm, a) for w, (_, a) in zip(ws, VIT_TI_FF)], ws)
     calls[str(nm)] = (fn, (ws,))
-  samples = _round_robin(calls, FLAGS.repeats, FLAGS.min_sample_ms / 1e3)
+  samples, pairs = _round_robin(calls, FLAGS.repeats,
+                                FLAGS.min_sample_ms / 1e3)
   lo, med = _stats(samples['floor'])
   return {'floor_ms': (lo, med), 'rows': [
       {'pattern': str(nm), 'min_ms': _stats(samples[str(nm)])[0],
        'median_ms': _stats(samples[str(nm)])[1],
-       'x_floor': _stats(samples[str(nm)])[0] / lo} for nm in patterns]}
+       'x_floor': _stats(samples[str(nm)])[0] / lo,
+       'x_floor_paired': _paired_ratio(pairs[str(nm)])[0]}
+      for nm in patterns]}
 
 
 def _print_kernel(names, shape, axes, dtype, result, impls):
   print(f'\n{" = ".join(names)}  {shape} groups on axes {axes}  {dtype}  '
         f'floor {result["floor_ms"][0]:.3f} ms (median '
-        f'{result["floor_ms"][1]:.3f}), {result["floor_gb_per_s"]:.1f} GB/s')
+        f'{result["floor_ms"][1]:.3f}), {result["floor_gb_per_s"]:.1f} GB/s; '
+        f'two passes {result["two_pass_ms"]:.3f} ms = '
+        f'{result["two_pass_x_floor"]:.2f} x floor')
   head = f'{"pattern":>8} '
   for impl in impls:
-    head += f' {impl + " ms min/med":>19} {"x floor":>8}'
+    head += f' {impl + " ms min/med":>19} {"x floor":>8} {"paired":>7}'
   print(head + f' {"pgf GB/s":>9} agree')
   for row in result['rows']:
     line = f'{row["pattern"]:>8} '
     for impl in impls:
       r = row[impl]
       line += (f' {r["min_ms"]:9.3f}/{r["median_ms"]:<9.3f} '
-               f'{r["x_floor"]:8.2f}')
+               f'{r["x_floor"]:8.2f} {r["x_floor_paired"]:7.2f}')
     gbs = row['pgf']['gb_per_s'] if 'pgf' in impls else float('nan')
     print(line + f' {gbs:9.1f} {row.get("agree", "")}')
 
@@ -327,7 +409,8 @@ def main(argv):
             f'floor {small[dtype]["floor_ms"][0]:.3f} ms')
       for row in small[dtype]['rows']:
         print(f'{row["pattern"]:>8}  {row["min_ms"]:8.3f}/'
-              f'{row["median_ms"]:<8.3f} ms  {row["x_floor"]:6.2f} x floor')
+              f'{row["median_ms"]:<8.3f} ms  {row["x_floor"]:6.2f} x floor'
+              f'  {row["x_floor_paired"]:6.2f} paired')
   out = {
       'command': 'python -m pgf.bench.masks ' + ' '.join(sys.argv[1:]),
       'date_utc': started.isoformat(timespec='seconds'),
