@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pgf import step as step_lib
+from pgf.bench import inference as bench_inference
 from pgf.bench import masks as bench_masks
 from pgf.bench import memory
 from pgf.bench import steps
@@ -188,6 +189,18 @@ def test_two_pass_bound_reads_each_group_then_writes_the_mask():
   assert mask.shape == w.shape and mask.dtype == bool
   np.testing.assert_array_equal(
       mask, np.broadcast_to(np.arange(64)[:, None] % 16 == 0, w.shape))
+
+
+def test_inference_samples_follow_untimed_calls(monkeypatch):
+  monkeypatch.setattr(bench_inference, 'SAMPLE_SECONDS', 0.0)
+  order = []
+  fns = {k: (lambda k=k: order.append(k)) for k in ('dense', 'nm')}
+  out = bench_inference.interleaved(fns, repeats=2)
+  # Two calls each to size the samples (one call per sample here), then
+  # per round one untimed and one timed call of each path in turn.
+  assert order == ['dense'] * 2 + ['nm'] * 2 + (['dense'] * 2
+                                                + ['nm'] * 2) * 2
+  assert set(out) == {'dense', 'nm'}
 
 
 def test_default_specs_cover_every_frame_map_and_recompute_off():
