@@ -268,5 +268,8 @@ def test_gpu_check_script_runs_tiny(tmp_path):
   for r in sections['vit']['rows'] + sections['t5']['rows']:
     assert r['temp_bytes'] > 0 and len(r['samples_ms']) >= 3
   assert sections['masks']['rows'] and sections['inference']['rows']
+  assert all(r['x_two_passes'] > 0 and r['x_floor_paired'] > 0
+             for r in sections['masks']['rows'])
   text = (tmp_path / f'gpu_check_tiny_{platform}.md').read_text()
   assert '## Compiles over an SdGf schedule' in text
+  assert '| x floor paired | x two passes |' in text

@@ -179,6 +179,7 @@ def masks_section(out_path: str, tiny: bool, facts: dict) -> dict:
           dtype=res['dtype'], pattern=row['pattern'], min_ms=p['min_ms'],
           gb_per_s=p['gb_per_s'], x_floor=p['x_floor'],
           x_floor_paired=p['x_floor_paired'],
+          x_two_passes=p['min_ms'] / res['two_pass_ms'],
           of_copy=p['gb_per_s'] / copy,
           of_hbm=p['gb_per_s'] * 1e9 / hbm if hbm else None))
   return dict(section='masks', command=' '.join(cmd[1:]),
@@ -262,12 +263,16 @@ def markdown(facts: dict, sections: dict, errors: dict, started: str
               f"`python {masks['command']}` (raw: {masks['json']}); copy "
               f"bandwidth {masks['copy_gb_per_s']:.0f} GB/s (256 MiB "
               'x * 2 + 1); GB/s = (kernel + bool mask bytes) / min time.', '',
+              'x floor = min ms over the one-pass floor\'s; paired = median '
+              'of row / the floor timed just before it; x two passes = over '
+              'the two passes every XLA mask needs (`pgf.bench.masks`).', '',
               '| kernels | dtype | pattern | ms (min) | GB/s | x floor | '
-              'x floor paired | of copy | of HBM datasheet |',
-              '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+              'x floor paired | x two passes | of copy | of HBM datasheet |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     lines += [f"| {r['kernels']} | {r['dtype']} | {r['pattern']} | "
               f"{r['min_ms']:.4f} | {r['gb_per_s']:.0f} | "
               f"{r['x_floor']:.2f} | {r['x_floor_paired']:.2f} | "
+              f"{r['x_two_passes']:.2f} | "
               f"{r['of_copy']:.0%} | "
               f"{_fmt(r['of_hbm'], '.0%')} |" for r in masks['rows']]
     lines.append('')
