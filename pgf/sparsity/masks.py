@@ -166,7 +166,7 @@ _HALF_INF_BITS = {jnp.dtype(jnp.bfloat16): 0x7F80,
 # beyond (measured: arg-max over 32 is 20x slower than over 16).
 _MAX_REDUCE = 16
 # 1:M and (M-1):M groups from this width up to _MAX_REDUCE, along a major
-# axis, take one in-order pass (_select_one_by_chain): 0.77-0.89x the
+# axis, take one in-order pass (_index_by_chain): 0.77-0.89x the
 # arg-max's time at M = 8 and 16 (medians over the ViT-B and T5-Base kernels,
 # two interleaved runs, idle); at M = 4 neither was consistently faster, and
 # from M = 32 the pass was slower than the levels of arg-max.
@@ -216,7 +216,18 @@ def _select_one(g: jax.Array, top: bool) -> jax.Array:
   """
   m = g.shape[1]
   if g.ndim == 3 and _MIN_CHAIN <= m <= _MAX_REDUCE:
-    return _select_one_by_chain(g, top)
+    best = _stored([_index_by_chain(g, top)])[0]
+  else:
+    best = _index_by_reduce(g, top)
+  pos = jax.lax.broadcasted_iota(jnp.int32, g.shape, 1)
+  hit = pos == jnp.expand_dims(best, 1)
+  return hit if top else ~hit
+
+
+def _index_by_reduce(g: jax.Array, top: bool) -> jax.Array:
+  """In-group index of the kept (top) or dropped weight: a variadic arg-max
+  (arg-min) of (key, index), in levels of at most _MAX_REDUCE."""
+  m = g.shape[1]
   keys = _keys(g)
   idx = jax.lax.broadcasted_iota(jnp.int32, g.shape, 1)
 
@@ -239,32 +250,26 @@ def _select_one(g: jax.Array, top: bool) -> jax.Array:
     keys, idx = jax.lax.reduce((keys.reshape(split), idx.reshape(split)),
                                init, better, (2,))
     width //= sub
-  _, best = jax.lax.reduce((keys, idx), init, better, (1,))
-  pos = jax.lax.broadcasted_iota(jnp.int32, g.shape, 1)
-  hit = pos == jnp.expand_dims(best, 1)
-  return hit if top else ~hit
+  return jax.lax.reduce((keys, idx), init, better, (1,))[1]
 
 
-def _select_one_by_chain(g: jax.Array, top: bool) -> jax.Array:
-  """`_select_one` for groups along a major axis (A, M, B): one pass over
-  the group's columns in order, each a compare and two selects per weight
-  (against about seven in the variadic arg-max), elementwise along B.
+def _index_by_chain(g: jax.Array, top: bool) -> jax.Array:
+  """`_index_by_reduce` for groups along a major axis (A, M, B): one pass
+  over the group's columns in order, each a compare and two selects per
+  weight (against about seven in the variadic arg-max), elementwise along B.
 
   In order, a strict `>` keeps the first of equal maxima (top); `<=` takes
-  the last of equal minima, the one to drop (bottom).
+  the last of equal minima, the one to drop (bottom). The result must be
+  stored (`_stored`) before the mask reads it per weight.
   """
-  m = g.shape[1]
   best = _keys(jax.lax.index_in_dim(g, 0, 1, keepdims=False))
   at = jnp.zeros(best.shape, jnp.int32)
-  for j in range(1, m):
+  for j in range(1, g.shape[1]):
     key = _keys(jax.lax.index_in_dim(g, j, 1, keepdims=False))
     take = (key > best) if top else (key <= best)
     best = jnp.where(take, key, best)
     at = jnp.where(take, jnp.int32(j), at)
-  at = _stored([at])[0]
-  hit = jax.lax.broadcasted_iota(jnp.int32, g.shape, 1) == jnp.expand_dims(
-      at, 1)
-  return hit if top else ~hit
+  return at
 
 
 # -- 2 <= N <= M - 2 -----------------------------------------------------------
