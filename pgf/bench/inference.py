@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pgf.bench import timing
 from pgf.inference import nm
 
 SHAPES = {
@@ -75,16 +76,8 @@ def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
   times = {k: [] for k in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      # Untimed calls first: after the other path's sample, the first calls
-      # of a short op run 2-10x slower on the project's 2-core VM.
-      for _ in range(max(1, calls[name] // 2)):
-        out = fn()
-      jax.block_until_ready(out)
-      t = time.perf_counter()
-      for _ in range(calls[name]):
-        out = fn()
-      jax.block_until_ready(out)
-      times[name].append((time.perf_counter() - t) / calls[name] * 1e3)
+      times[name].append(1e3 * timing.sample(
+          fn, calls[name], untimed=max(1, calls[name] // 2)))
   return {k: (min(v), float(np.median(v))) for k, v in times.items()}
 
 

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pgf.bench import timing
 from pgf.sparsity import masks as masks_lib
 from pgf.sparsity.masks import NM
 
@@ -204,16 +205,8 @@ def _round_robin(calls, repeats, min_sample_s, reference='floor'):
 
   def sample(name):
     fn, args = calls[name]
-    # Untimed calls first: after other work a one-pass op takes several
-    # calls to reach its steady speed (the first calls 2-10x slower).
-    for _ in range(max(2, inner[name] // 2)):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    start = time.perf_counter()
-    for _ in range(inner[name]):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / inner[name]
+    return timing.sample(lambda: fn(*args), inner[name],
+                         untimed=max(2, inner[name] // 2))
 
   samples = {name: [] for name in calls}
   pairs = {name: [] for name in calls if name != reference}
@@ -276,16 +269,16 @@ def _two_passes(w, axes):
   reduction over groups of 16 (reads the kernel, writes 1/16 of it) and a
   mask from one stored index per group (reads 1/16, writes the bool mask).
   Returns the two jitted callables with their arguments."""
-  g = masks_lib._grouped(w, masks_lib.check_groupable(
-      w.shape, NM(1, _BOUND_M), axes), _BOUND_M)
+  axes = masks_lib.check_groupable(w.shape, NM(1, _BOUND_M), axes)
+  shape = masks_lib._grouped(w, axes, _BOUND_M).shape
   gaxis = axes[0] + 1
   # On the integer keys nm_mask compares (a float max is slower on CPU).
   read, _ = _compile(lambda w: jnp.max(masks_lib._keys(masks_lib._grouped(
       w, axes, _BOUND_M)), axis=gaxis), w)
-  index = jnp.zeros(g.shape[:gaxis] + g.shape[gaxis + 1:], jnp.int32)
+  index = jnp.zeros(shape[:gaxis] + shape[gaxis + 1:], jnp.int32)
 
   def write_fn(index):
-    pos = jax.lax.broadcasted_iota(jnp.int32, g.shape, gaxis)
+    pos = jax.lax.broadcasted_iota(jnp.int32, shape, gaxis)
     return (pos == jnp.expand_dims(index, gaxis)).reshape(w.shape)
   write, _ = _compile(write_fn, index)
   return (read, (w,)), (write, (index,))
