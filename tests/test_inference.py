@@ -20,6 +20,7 @@ from pgf import train as train_lib
 from pgf.configs import t5_base
 from pgf.configs import vit_base
 from pgf.inference import cpu
+from pgf.inference import lookup
 from pgf.inference import nm
 from pgf.inference import pallas
 from pgf.inference.model import CompressedModel
@@ -43,12 +44,18 @@ def _reference(x, w):
 
 
 # (K, out axes, N, M, x's leading shape): batch 1, odd row counts through
-# every CPU path (1 row: gather; 5: tile of 8; 20: padded tile of 32; 70:
-# two tiles of 32 + 6), 2:4, 1:32, several output axes, N > 1.
+# every CPU path (on x86 with AVX2 / AVX-512: up to 16 rows the lookup
+# kernel, with windows of 8 (K = 24), 16, 32 and 64; groups of 12 have no
+# lookup layout: 1 row the gather kernel, 5 a tile of 8; 20: padded tile of
+# 32; 70: two tiles of 32 + 6), 2:4, 1:32, several output axes, N > 1.
 CASES = [
     (64, (48,), 2, 4, (1,)),
     (128, (40,), 1, 32, (3,)),
     (96, (70,), 1, 8, (5,)),
+    (24, (20,), 3, 8, (16,)),
+    (192, (9,), 5, 64, (2,)),
+    (96, (21,), 1, 12, (1,)),
+    (96, (21,), 2, 12, (5,)),
     (96, (3, 5), 2, 8, (2, 10)),
     (256, (33,), 1, 16, (70,)),
     (32, (17,), 3, 4, (1, 1)),
@@ -86,6 +93,56 @@ def test_cpu_kernel_under_jit_and_wide_contraction():
   yv = jax.vmap(nm.apply, in_axes=(0, None))(jnp.asarray(x), weights)
   np.testing.assert_allclose(np.asarray(yv), np.asarray(y), rtol=1e-6,
                              atol=1e-6)
+
+
+@pytest.mark.skipif(lookup.LANES is None,
+                    reason='the lookup kernel needs x86 with AVX2')
+@pytest.mark.parametrize('n,m', [(1, 2), (2, 4), (1, 8), (3, 8), (1, 16),
+                                 (2, 16), (1, 32), (1, 64)])
+def test_lookup_kernel_at_both_vector_widths(n, m):
+  # Every window the kernel takes (8, 16, 32, 64 inputs; 1 to 4 registers),
+  # at 8 and (with AVX-512) 16 lanes, 1 to 5 rows (blocks of 2 and a single
+  # row), outputs not a multiple of the lanes.
+  rng = np.random.default_rng(n * 100 + m)
+  k = 128
+  vals, idx, w = _compressed(rng, k, (37,), n, m)
+  x = rng.normal(size=(5, k)).astype(np.float32)
+  for lanes in (8, 16)[:lookup.LANES // 8]:
+    wn = lookup.window_size(k, m, lanes)
+    if wn is None:
+      assert m == 64 and lanes == 8   # 8 registers: more than the kernel's 4
+      continue
+    assert wn == max(m, lanes)
+    lvals, lpos = lookup.layout(vals, idx, m=m, wn=wn)
+    assert lvals.shape == (k // wn, wn // m * n if m < wn else n, 48)
+    for rows in (1, 2, 5):
+      y = lookup.run(x[:rows], np.asarray(lvals), np.asarray(lpos), lanes)
+      np.testing.assert_allclose(y[:, :37], _reference(x[:rows], w),
+                                 rtol=1e-5, atol=1e-5 * np.sqrt(k))
+      np.testing.assert_array_equal(y[:, 37:], 0)
+
+
+@pytest.mark.parametrize('n,m,limit', [(1, 16, cpu.LOOKUP_ROWS),
+                                       (1, 8, cpu.LOOKUP_ROWS_DENSE)])
+def test_cpu_kernels_switch_from_lookup_to_tiles(n, m, limit):
+  rng = np.random.default_rng(3)
+  vals, idx, w = _compressed(rng, 256, (40,), n, m)
+  weights = nm.NMWeights.prepare(vals, idx, m=m, backend='cpu')
+  has_lookup = lookup.LANES is not None
+  assert len(weights.data) == (4 if has_lookup else 2)
+  apply = jax.jit(nm.apply)
+  for rows in (1, limit, limit + 1):
+    x = rng.normal(size=(rows, 256)).astype(np.float32)
+    y = apply(jnp.asarray(x), weights)
+    np.testing.assert_allclose(np.asarray(y), _reference(x, w), rtol=1e-5,
+                               atol=1e-5 * 16)
+    # The gather (1 row) and tile kernels without the lookup layout.
+    np.testing.assert_allclose(cpu.run(x, *map(np.asarray, weights.data[:2])),
+                               np.asarray(y), rtol=1e-5, atol=1e-4)
+    if has_lookup:
+      ops = apply.lower(jnp.asarray(x), weights).as_text()
+      target = 'pgf_nm_lookup' if rows <= limit else 'pgf_nm_matmul'
+      assert target in ops and ops.count('pgf_nm_') == 1
 
 
 def test_bfloat16_inputs_keep_their_dtype():

@@ -6,14 +6,21 @@ call costs about as much as any XLA op (pure_callback measured 40-130 us a
 call here, copying the weights to NumPy each time: as long as the batch-1
 kernel itself).
 
-Layout (built once by `layout`): for every output o, its J = G * N kept
+Layouts (built once by `layout`): for every output o, its J = G * N kept
 weights in group order, `vals[o, j]` (float32) and their absolute input rows
 `rows[o, j] = g * M + index` (uint32); J is padded to a multiple of 4 with
-zero weights on row 0.
+zero weights on row 0. Where this CPU has the lookup kernel for the pattern
+(x86 with AVX2 or AVX-512; M in 2, 4, 8, 16, 32, 64), also that kernel's
+layout: 5 more bytes per kept weight (13 in all, against 4 * M / N for the
+dense float32 kernel: 32 at 1:8).
 
-Two kernels:
+Three kernels:
 
-* one row of x (batch 1): a gather-dot per output, `sum_j vals[o, j] *
+* up to 12 or 16 rows (`lookup_rows`), where the weights have its layout:
+  the lookup kernel (`pgf.inference.lookup`), which picks each kept
+  weight's input from a window of the row held in vector registers by a
+  lane permute.
+* otherwise one row of x: a gather-dot per output, `sum_j vals[o, j] *
   x[rows[o, j]]`; LLVM vectorises it with AVX-512 gathers.
 * tiles of 8, 16 or 32 rows: x is transposed to [K, tile] so each kept
   weight is a broadcast times one contiguous row of the tile, accumulated in
@@ -24,10 +31,10 @@ Two kernels:
   SLP_VECTORIZE on. Each output's kept weights run in blocks whose tile
   rows fit in L1, shared by a block of outputs (L1_FLOATS, OUT_BLOCK).
 
-Rows split into full tiles of 32 (parallel over tiles and output chunks,
-numba prange, from PARALLEL_ROWS rows); a remainder of 2-8 rows takes a tile
-of 8, 9-16 one of 16, 17-31 a zero-padded tile of 32, a single row the
-gather kernel.
+Past those rows (or without the lookup layout), rows split into full tiles
+of 32 (parallel over tiles and output chunks, numba prange, from
+PARALLEL_ROWS rows); a remainder of 2-8 rows takes a tile of 8, 9-16 one of
+16, 17-31 a zero-padded tile of 32, a single row the gather kernel.
 """
 
 from __future__ import annotations
@@ -47,12 +54,22 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'passive')
 
 import numba  # noqa: E402  (after the environment above)
 
+from pgf.inference import lookup  # noqa: E402
+
 UNROLL = 4  # Kept weights per inner iteration; J is padded to a multiple.
 # Floats of the x tile a block of kept weights may touch (32 KiB: L1d is
 # 48 KiB on the Zen 5 this was tuned on) and outputs per block.
 L1_FLOATS = 8192
 OUT_BLOCK = 64
 MIN_BLOCK = 32
+# Row counts up to which the lookup kernel runs where the weights have its
+# layout: LOOKUP_ROWS at densities N / M up to 1/16, LOOKUP_ROWS_DENSE above.
+# On ViT-B's and T5-Base's FF shapes (Zen 4, 2 cores) it took, against the
+# tiles: 0.1-0.2x at 1 row, 0.3-0.9x at 8; at 12 rows 0.3-1.0x (1:8, 2:8,
+# 2:4); at 16 rows 0.5-1.4x at those densities, 0.6-0.9x at 1:16 and 1:32;
+# at 24 rows 0.6-1.1x at 1:16 and 1:32.
+LOOKUP_ROWS = 16
+LOOKUP_ROWS_DENSE = 12
 # Parallel work items per call (tiles x output chunks), enough to balance
 # up to 16 threads. (numba.get_num_threads() inside a kernel would make it
 # uncacheable: it compiles to a process-specific address.)
@@ -228,12 +245,31 @@ def _dispatch(x, vals, rows, y):
 
 
 @numba.njit(inline='always')
-def _buffer(frame, group, i):
-  """(data address, dims[2]) of argument (group 5) or result (group
+def _buffer(frame, group, i, rank=2):
+  """(data address, dims[rank]) of argument (group 5) or result (group
   10) i of an XLA_FFI_CallFrame seen as int64 words."""
   entries = numba.carray(_as_i64(frame[group + 4]), i + 1)
   buf = numba.carray(_as_i64(entries[i]), 6)  # XLA_FFI_Buffer.
-  return buf[3], numba.carray(_as_i64(buf[5]), 2)
+  return buf[3], numba.carray(_as_i64(buf[5]), rank)
+
+
+@numba.njit(inline='always')
+def _answered_metadata(frame):
+  """True if XLA only asks for metadata (then answered here): the FFI API
+  version these offsets are for."""
+  ext = frame[1]
+  if ext == 0:
+    return False
+  if numba.carray(_as_i32(ext + 8), 1)[0] == 1:
+    meta = numba.carray(_as_i64(ext), 4)[3]
+    version = numba.carray(_as_i64(meta + 8), 2)
+    version[0] = 24  # XLA_FFI_Api_Version struct_size.
+    version[1] = 0
+    ints = numba.carray(_as_i32(meta + 24), 3)
+    ints[0] = FFI_API_VERSION[0]
+    ints[1] = FFI_API_VERSION[1]
+    ints[2] = 0  # No handler traits.
+  return True
 
 
 def _ffi_handler(frame_ptr):
@@ -241,18 +277,7 @@ def _ffi_handler(frame_ptr):
   # XLA_FFI_CallFrame (xla/ffi/api/c_api.h, x86-64): struct_size,
   # extension_start, api, ctx, stage, args (5 words), rets (5 words).
   frame = numba.carray(frame_ptr, 15)
-  ext = frame[1]
-  if ext != 0:
-    # Metadata query: report the FFI API version these offsets are for.
-    if numba.carray(_as_i32(ext + 8), 1)[0] == 1:
-      meta = numba.carray(_as_i64(ext), 4)[3]
-      version = numba.carray(_as_i64(meta + 8), 2)
-      version[0] = 24  # XLA_FFI_Api_Version struct_size.
-      version[1] = 0
-      ints = numba.carray(_as_i32(meta + 24), 3)
-      ints[0] = FFI_API_VERSION[0]
-      ints[1] = FFI_API_VERSION[1]
-      ints[2] = 0  # No handler traits.
+  if _answered_metadata(frame):
     return 0
   xd, xs = _buffer(frame, 5, 0)
   vd, vs = _buffer(frame, 5, 1)
@@ -265,6 +290,52 @@ def _ffi_handler(frame_ptr):
   return 0  # A null XLA_FFI_Error*: success.
 
 
+# The lookup kernels (pgf.inference.lookup) for windows of 8 inputs and of
+# 1, 2, 4 vectors of this CPU, compiled by `_lookup_target`; `_lookup_handler`
+# calls them as globals.
+_lookup8 = _lookup_t1 = _lookup_t2 = _lookup_t4 = None
+
+
+def _lookup_handler(frame_ptr):
+  """XLA FFI handler of the lookup kernel: x [R, K], vals and pos
+  [W, kw, Op] -> y [R, Op] (zeroed, then accumulated); the window
+  Wn = K / W picks the kernel."""
+  frame = numba.carray(frame_ptr, 15)
+  if _answered_metadata(frame):
+    return 0
+  xd, xs = _buffer(frame, 5, 0)
+  vd, vs = _buffer(frame, 5, 1, 3)
+  pd, _ = _buffer(frame, 5, 2, 3)
+  yd, _ = _buffer(frame, 10, 0)
+  numba.carray(_as_f32(yd), xs[0] * vs[2])[:] = 0.0
+  wn = xs[1] // vs[0]
+  if wn == 8:
+    _lookup8(xd, xs[0], xs[1], pd, vd, vs[0], vs[1], vs[2], yd)
+  elif wn == lookup.LANES:
+    _lookup_t1(xd, xs[0], xs[1], pd, vd, vs[0], vs[1], vs[2], yd)
+  elif wn == 2 * lookup.LANES:
+    _lookup_t2(xd, xs[0], xs[1], pd, vd, vs[0], vs[1], vs[2], yd)
+  else:
+    _lookup_t4(xd, xs[0], xs[1], pd, vd, vs[0], vs[1], vs[2], yd)
+  return 0
+
+
+_LIVE = []
+
+
+def _register(name: str, handler) -> str:
+  """Compiles an FFI handler as a cfunc (cached on disk) and registers it
+  with XLA as `name`."""
+  sig = numba.types.int64(numba.types.CPointer(numba.types.int64))
+  cfunc = numba.cfunc(sig, nopython=True, cache=True)(handler)
+  # XLA keeps only the function pointer: the cfunc (which owns the machine
+  # code) must live as long as the process.
+  _LIVE.append(cfunc)
+  jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(cfunc.ctypes),
+                              platform='cpu')
+  return name
+
+
 @functools.cache
 def _compile_tiles() -> None:
   global _tile8, _tile16, _tile32, _tile32_parallel
@@ -273,27 +344,30 @@ def _compile_tiles() -> None:
   _tile32_parallel = _compile_tile(32, parallel=True)
 
 
-_LIVE = []
+@functools.cache
+def _ffi_target() -> str:
+  """The gather and tile kernels' FFI target (compiled once per process)."""
+  _compile_tiles()
+  return _register('pgf_nm_matmul', _ffi_handler)
 
 
 @functools.cache
-def _ffi_target() -> str:
-  """Compiles the handler (once per process; cached on disk) and registers
-  it with XLA."""
-  _compile_tiles()
-  sig = numba.types.int64(numba.types.CPointer(numba.types.int64))
-  handler = numba.cfunc(sig, nopython=True, cache=True)(_ffi_handler)
-  # XLA keeps only the function pointer: the cfunc (which owns the machine
-  # code) must live as long as the process.
-  _LIVE.append(handler)
-  name = 'pgf_nm_matmul'
-  jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.ctypes),
-                              platform='cpu')
-  return name
+def _lookup_target() -> str:
+  """The lookup kernels' FFI target (compiled once per process)."""
+  global _lookup8, _lookup_t1, _lookup_t2, _lookup_t4
+  _lookup8 = lookup.kernel(8, 1)
+  _lookup_t1, _lookup_t2, _lookup_t4 = (lookup.kernel(lookup.LANES, t)
+                                        for t in (1, 2, 4))
+  return _register('pgf_nm_lookup', _lookup_handler)
 
 
-def run(x: np.ndarray, vals: np.ndarray, rows: np.ndarray) -> np.ndarray:
-  """NumPy in, NumPy out: x [R, K] float32 -> y [R, O] float32."""
+def run(x: np.ndarray, vals: np.ndarray, rows: np.ndarray,
+        lvals: np.ndarray | None = None,
+        lpos: np.ndarray | None = None) -> np.ndarray:
+  """NumPy in, NumPy out: x [R, K] float32 -> y [R, O] float32, by the
+  kernel `matmul` would choose."""
+  if lvals is not None and x.shape[0] <= lookup_rows(x.shape[1], lvals):
+    return lookup.run(x, lvals, lpos)[:, :vals.shape[0]]
   x = np.require(x, np.float32, ['C', 'W'])
   vals = np.require(vals, np.float32, ['C', 'W'])
   rows = np.require(rows, np.uint32, ['C', 'W'])
@@ -305,7 +379,7 @@ def run(x: np.ndarray, vals: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def layout(values: jax.Array, indices: jax.Array, *, m: int
-           ) -> tuple[jax.Array, jax.Array]:
+           ) -> tuple[jax.Array, ...]:
   """Export layout -> this kernel's.
 
   Args:
@@ -315,7 +389,9 @@ def layout(values: jax.Array, indices: jax.Array, *, m: int
 
   Returns:
     vals [O, Jp] float32 and rows [O, Jp] uint32, Jp = G * N rounded
-    up to a multiple of UNROLL.
+    up to a multiple of UNROLL (the gather and tile kernels); then, where
+    this CPU has the lookup kernel for M (`lookup.window_size`), its vals
+    and pos [W, kw, Op] (for up to `lookup_rows` rows).
   """
   g, o, n = values.shape
   rows = (jnp.asarray(indices, jnp.int32)
@@ -325,17 +401,39 @@ def layout(values: jax.Array, indices: jax.Array, *, m: int
   pad = -(g * n) % UNROLL
   vals = jnp.pad(vals, ((0, 0), (0, pad)))
   rows = jnp.pad(rows, ((0, 0), (0, pad)))
-  return vals, rows.astype(jnp.uint32)
+  data = (vals, rows.astype(jnp.uint32))
+  wn = lookup.window_size(g * m, m)
+  if wn is None:
+    return data
+  return data + lookup.layout(values, indices, m=m, wn=wn)
 
 
-def matmul(x: jax.Array, vals: jax.Array, rows: jax.Array) -> jax.Array:
+def lookup_rows(k: int, lvals) -> int:
+  """The most rows the lookup kernel runs for a kernel contracting K with
+  the lookup layout `lvals` [W, kw, Op] (density N / M = W * kw / K)."""
+  n_win, kw, _ = lvals.shape
+  return LOOKUP_ROWS if 16 * n_win * kw <= k else LOOKUP_ROWS_DENSE
+
+
+def matmul(x: jax.Array, vals: jax.Array, rows: jax.Array,
+           lvals: jax.Array | None = None,
+           lpos: jax.Array | None = None) -> jax.Array:
   """x [R, K] @ the kernel of `layout` -> y [R, O] float32 (jit-safe): an
-  XLA FFI custom call, so XLA hands the kernels its buffers directly."""
+  XLA FFI custom call, so XLA hands the kernels its buffers directly. Up to
+  `lookup_rows` rows (a static shape) take the lookup kernel where the
+  weights have its layout, more rows the tiles."""
+  x = x.astype(jnp.float32)
+  if lvals is not None and x.shape[0] <= lookup_rows(x.shape[1], lvals):
+    call = jax.ffi.ffi_call(
+        _lookup_target(),
+        jax.ShapeDtypeStruct((x.shape[0], lvals.shape[2]), jnp.float32),
+        vmap_method='sequential')
+    return call(x, lvals.astype(jnp.float32), lpos)[:, :vals.shape[0]]
   call = jax.ffi.ffi_call(
       _ffi_target(),
       jax.ShapeDtypeStruct((x.shape[0], vals.shape[0]), jnp.float32),
       vmap_method='sequential')
-  return call(x.astype(jnp.float32), vals.astype(jnp.float32), rows)
+  return call(x, vals.astype(jnp.float32), rows)
 
 
 def warm_up() -> None:
@@ -344,3 +442,5 @@ def warm_up() -> None:
   _ffi_target()
   run(np.zeros((2, 8), np.float32), np.zeros((4, UNROLL), np.float32),
       np.zeros((4, UNROLL), np.uint32))
+  if lookup.LANES is not None:
+    _lookup_target()
