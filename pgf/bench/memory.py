@@ -5,17 +5,19 @@ r"""XLA temporary memory of the training step per recipe, recompute on / off.
 For each model (T5 v1.1 Small and ViT-B/16 by default) and batch, compiles
 `pgf.step.make_train_step`'s step for every row (dense; STE, SR-STE and
 MdGf-Exponential at --pattern; every SdGf-Stepwise and SdGf-Geometric frame
-of --sdgf_target), with `sparsity.recompute` True (the default: masks and
-effective kernels recomputed in the backward pass) and False (kept), and
+of --sdgf_target), with `sparsity.recompute` True (the default: effective
+kernels rebuilt in the backward pass from the kernels and the masks' bits)
+and False (kept), and
 reads the compiled step's `memory_analysis()`. Nothing is run: the inputs
 are abstract, so large batches cost only compile time. The overhead of a
 row is its XLA temporary bytes over dense's, in MiB and in percent.
 
-With recompute on, a sparse layer keeps only what a dense layer keeps
-(`pgf.sparsity.core.sparse_product`), so its rows should be within a
-transient mask of dense; with it off, one float32 copy of the sparse kernels
-over dense. Also checks that recompute does not change the result: a tiny
-model trained a few steps with recompute on and off must end with bit-equal
+With recompute on, a sparse layer keeps what a dense layer keeps and its
+mask's bits (`pgf.sparsity.core.sparse_product`), so its rows should be
+within 1/32 of the sparse kernels' float32 bytes (and a transient mask) of
+dense; with it off, one float32 copy of the sparse kernels over dense.
+Also checks that recompute does not change the result: a tiny model
+trained a few steps with recompute on and off must end with bit-equal
 parameters (`recompute_equal`; tests/test_bench.py runs it too).
 """
 

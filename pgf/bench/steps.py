@@ -85,6 +85,7 @@ from pgf import step as step_lib
 from pgf import tasks
 from pgf.bench import stock
 import pgf.configs as pgf_configs
+from pgf.sparsity import core
 from pgf.sparsity import trees
 from pgf.study import stats
 
@@ -476,10 +477,11 @@ def sparse_work_fn(s: step_lib.Setup, plan) -> Callable | None:
   (params, grads, step) -> arrays, or None if `plan` has no sparse kernel.
 
   It computes what the step computes beyond the dense model: every sparse
-  kernel's mask and effective kernel as the forward pass does, again as the
-  backward pass recomputes them (sparsity.recompute, the default; the copy
-  is tied to the first pass's output as `core.sparse_product` ties it to
-  the incoming gradient, so XLA cannot merge the two), and the recipe's
+  kernel's mask and effective kernel as the forward pass does (with
+  sparsity.recompute, the default, also the mask's bits), the effective
+  kernel again from the bits as the backward pass does (tied to the first
+  pass's output as `core.sparse_product` ties it to the incoming gradient,
+  so XLA computes it after), and the recipe's
   gradient transforms (SR-STE's refill, MdGf's scaled flow). Every result
   is materialised, as the step's products need their kernel operands.
   Timing it measures the sparse step's overhead without the noise of
@@ -487,21 +489,35 @@ def sparse_work_fn(s: step_lib.Setup, plan) -> Callable | None:
   the step's program (fusion, scheduling), which only the step rows show.
   """
   sp = s.sparsifier
-  paths = sorted(sp.matched(plan))
+  matched = sp.matched(plan)
+  paths = sorted(matched)
   if not paths:
     return None
-  passes = 2 if s.config.sparsity.recompute else 1
+  recompute = s.config.sparsity.recompute
   tx = sp.gradient_transform()
 
   def work(params, grads, step):
-    out, after = [], params
-    for _ in range(passes):
-      flat = trees.flatten(sp.apply(after, step, plan=plan))
-      out.append([flat[p] for p in paths])
-      tie = 1 + 0 * out[-1][0].reshape(-1)[0]
-      flat = trees.flatten(params)
-      after = trees.unflatten({k: v * tie.astype(v.dtype) if k in paths
-                               else v for k, v in flat.items()})
+    values = s.schedule.values(step)
+    flat = trees.flatten(params)
+    alphas = {p: jnp.asarray(values[matched[p][0].group]['alpha'],
+                             flat[p].dtype) for p in paths}
+    kernels, bits = [], []
+    for p in paths:
+      rule, axes = matched[p]
+      if recompute:
+        w_eff, b = core.kernel_and_bits(flat[p], rule.nm, axes, alphas[p],
+                                        name=p)
+        bits.append(b)
+      else:
+        w_eff, _ = core.effective_kernel(flat[p], rule.nm, axes,
+                                         alpha=alphas[p], name=p)
+      kernels.append(w_eff)
+    out = [kernels]
+    if recompute:
+      tie = 1 + 0 * kernels[0].reshape(-1)[0]
+      out.append([core.kernel_from_bits(flat[p] * tie.astype(flat[p].dtype),
+                                        b, alphas[p])
+                  for p, b in zip(paths, bits)])
     updates, _ = tx.update(grads, tx.init(params), params, step=step,
                            plan=plan)
     flat = trees.flatten(updates)

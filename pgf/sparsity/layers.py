@@ -8,8 +8,9 @@ the train step fills from the step (`layer_collection`). Without a plan the
 layer is exactly a dense layer. Biases are kept (the authors' code drops
 them). The product with the kernel is `core.sparse_product(...)`: the
 effective kernel of `core.effective_kernel` (the one place where the mask
-meets alpha, shared with the model-agnostic `Sparsifier`), recomputed in the
-backward pass instead of kept (`SparsityPlan.recompute`).
+meets alpha, shared with the model-agnostic `Sparsifier`), rebuilt in the
+backward pass from the weight and the mask's bits instead of kept
+(`SparsityPlan.recompute`).
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class _SparseKernelMixin:
     """op(x, kernel) with the kernel's effective N:M form when it is sparse.
 
     With `plan.recompute` (the default) the product is
-    `core.sparse_product`: no mask or effective kernel is kept for the
-    backward pass, which recomputes them.
+    `core.sparse_product`: no effective kernel is kept for the backward
+    pass, which rebuilds it from the kernel and the mask's bits.
     """
     rule = None
     if self.sparsity:

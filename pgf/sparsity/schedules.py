@@ -184,8 +184,9 @@ class SparsityPlan:
   """
 
   rules: tuple[LayerRule, ...] = ()
-  # Recompute masks and effective kernels in the backward pass instead of
-  # keeping them (`core.sparse_product`; config key sparsity.recompute).
+  # Rebuild effective kernels in the backward pass from the kernel and the
+  # mask's bits instead of keeping them (`core.sparse_product`; config key
+  # sparsity.recompute).
   recompute: bool = True
 
   def lookup(self, path: str) -> LayerRule | None:
