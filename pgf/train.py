@@ -172,12 +172,52 @@ def train_and_evaluate(config, workdir: str, *,
     return _train(s, workdir)
 
 
+THP_ENABLED = '/sys/kernel/mm/transparent_hugepage/enabled'
+
+
+def huge_page_hint(backend: str, *, environ=os.environ,
+                   thp_path: str = THP_ENABLED,
+                   libc: str | None = None) -> str | None:
+  """A line for CPU runs whose malloc could use huge pages but does not.
+
+  XLA:CPU allocates each step's large buffers afresh; with glibc's default
+  they come from new small pages, faulted in on every step. With
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35, transparent huge
+  pages `madvise` or `always`) malloc asks for huge pages: ViT-B/16 steps on
+  a 2-core EPYC VM took 0.84-0.85x the time, with equal results (README).
+  The tunable is read when the process starts, so pgf can only say so.
+  """
+  if backend != 'cpu' or 'glibc.malloc.hugetlb' in environ.get(
+      'GLIBC_TUNABLES', ''):
+    return None
+  if libc is None:
+    try:
+      libc = os.confstr('CS_GNU_LIBC_VERSION') or ''
+    except (ValueError, OSError):
+      return None
+  name, _, version = libc.partition(' ')
+  try:
+    if name != 'glibc' or tuple(map(int, version.split('.')[:2])) < (2, 35):
+      return None
+    with open(thp_path) as f:
+      if '[never]' in f.read():
+        return None
+  except (ValueError, OSError):
+    return None
+  return ('Tip: started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, malloc '
+          'gives XLA\'s buffers huge pages on this CPU: same results, '
+          'steps about 15 % faster (ViT-B/16 on a 2-core CPU; README).')
+
+
 def _train(s: step_lib.Setup, workdir: str) -> dict[str, float]:
   """The training loop of `train_and_evaluate`, once the workdir is ours."""
   config = s.config
   logging.info('Mesh %s; %d processes; run of %d steps (%d per epoch).',
                dict(s.mesh.shape), jax.process_count(), s.run.total,
                s.run.steps_per_epoch)
+  hint = huge_page_hint(jax.default_backend())
+  if hint:
+    logging.info('%s', hint)
   logging.info('Sparsity plans: %s', [p.describe() for p in
                                       s.schedule.distinct_plans()])
   state = step_lib.init_state(s, jax.random.key(config.seed))

@@ -327,3 +327,24 @@ def test_dry_run_t5_base_needs_no_vocabulary_file():
   r = _cli('--config=configs/t5_base.py', '--dry_run')
   assert r.returncode == 0, r.stderr[-3000:]
   assert '247,577,856' in r.stdout
+
+
+def test_huge_page_hint_only_where_the_tunable_would_act(tmp_path):
+  thp = tmp_path / 'enabled'
+  thp.write_text('always [madvise] never\n')
+
+  def hint(backend='cpu', environ=None, libc='glibc 2.36'):
+    return train_lib.huge_page_hint(backend, environ=environ or {},
+                                    thp_path=str(thp), libc=libc)
+
+  assert 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1' in hint()
+  assert hint(libc='glibc 2.35')
+  assert hint('gpu') is None and hint('tpu') is None
+  assert hint(environ={'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}) is None
+  assert hint(environ={'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=2'}) is None
+  assert hint(libc='glibc 2.34') is None       # no hugetlb tunable yet
+  assert hint(libc='') is None                 # not glibc (musl, macOS)
+  thp.write_text('always madvise [never]\n')
+  assert hint() is None
+  thp.unlink()
+  assert hint() is None                        # no transparent huge pages
