@@ -248,21 +248,25 @@ def test_sparse_conv_groups_along_input_channels():
 # -- recompute: no effective kernel kept for the backward pass ----------------
 
 
-@pytest.mark.parametrize('shape', [(64, 5), (12, 64, 3), (7,), (33, 2, 2)])
-def test_mask_bits_hold_every_entry_in_one_bit(shape):
+@pytest.mark.parametrize('shape,axis,words', [
+    ((64, 5), 0, (2, 5)), ((12, 64, 3), 0, (1, 64, 3)), ((7,), 0, (1,)),
+    ((33, 2, 2), 0, (2, 2, 2)),
+    ((12, 8, 64), 2, (12, 8, 2)),        # [heads, head_dim, embed]
+    ((3, 3, 4, 32), 3, (3, 3, 4, 1))])   # a convolution's [h, w, in, out]
+def test_mask_bits_hold_every_entry_in_one_bit(shape, axis, words):
   # The residual the backward pass makes the effective kernel from: one bit
-  # per entry, 32 rows of the [A, B] view per uint32 word, bit i row 32a+i.
+  # per entry, 32 entries of one axis per uint32 word (the first axis, or
+  # the last where only it is a multiple of 32), every other axis kept so
+  # that the bits shard like the kernel.
   rng = np.random.default_rng(len(shape))
   mask = rng.random(shape) < 0.5
   bits = core.pack_mask(jnp.asarray(mask))
-  b = shape[-1]
-  a = int(np.prod(shape)) // b
-  assert bits.shape == (-(-a // 32), b) and bits.dtype == jnp.uint32
-  view = mask.reshape(a, b)
-  for row in sorted({0, 1, 31, a - 1} & set(range(a))):
-    want = view[row] << np.uint32(row % 32)
-    assert ((np.asarray(bits)[row // 32] & (1 << (row % 32))) ==
-            want).all()
+  assert bits.shape == words and bits.dtype == jnp.uint32
+  index = np.arange(shape[axis])
+  word = np.take(np.asarray(bits), index // 32, axis=axis)
+  bit = np.expand_dims(index % 32, tuple(a for a in range(len(shape))
+                                         if a != axis)).astype(np.uint32)
+  np.testing.assert_array_equal((word >> bit) & 1, mask)
   np.testing.assert_array_equal(np.asarray(core.unpack_mask(bits, shape)),
                                 mask)
   w = jnp.asarray(rng.normal(size=shape), jnp.float32)

@@ -262,6 +262,51 @@ def test_mesh_of_8_devices_matches_single_device(data_dir, tmp_path, model):
     assert sharded[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5)
 
 
+COLLECTIVES_SCRIPT = r'''
+import collections, json, re
+import flax.linen as nn
+from pgf import sharding, step as step_lib
+from pgf.bench import memory
+from pgf.configs import vit_base
+out = {}
+for row in ('dense', 'recompute_off', 'recompute_on'):
+  c = vit_base.get_config('dense,runlocal')
+  c.model.variant = 'mu/2'      # width 32, mlp 64, 2 heads: model=2 shards
+  c.mesh.data, c.mesh.model, c.batch_size = 4, 2, 8
+  c.sparsity.recompute = row == 'recompute_on'
+  for role in ('ff', 'q', 'k', 'v', 'o') if row != 'dense' else ():
+    c.sparsity[role].recipe, c.sparsity[role].n, c.sparsity[role].m = (
+        'ste', 1, 16)
+  s = step_lib.setup(c)
+  plan = s.schedule.distinct_plans()[-1]
+  with sharding.mesh_context(s.mesh), nn.logical_axis_rules(s.rules):
+    text = step_lib.make_train_step(s).jitted.lower(
+        memory.abstract_state(s), memory.abstract_batch(s, 8), plan,
+        False).compile().as_text()
+  out[row] = collections.Counter(re.findall(
+      r' (all-gather|all-to-all|collective-permute|reduce-scatter)'
+      r'(?:-start)?\(', text))
+print('RESULT', json.dumps(out))
+'''
+
+
+def test_tensor_parallel_sparse_step_moves_no_kernel_or_activation():
+  # Model axis 2: the MLP and the heads are sharded. The sparse layers'
+  # product (the mask's bits, the CPU data ties of the recompute) must not
+  # make XLA gather a kernel, a mask or an activation that the dense step
+  # leaves sharded: flattening the mask to pack it, or a tie on
+  # g.reshape(-1)[0], each did.
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  r = subprocess.run([sys.executable, '-c', COLLECTIVES_SCRIPT], cwd=REPO,
+                     capture_output=True, text=True, env=env, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  line = [x for x in r.stdout.splitlines() if x.startswith('RESULT')][-1]
+  counts = json.loads(line.split(' ', 1)[1])
+  assert counts['dense'] == counts['recompute_off'] == {}
+  assert counts['recompute_on'] == {}
+
+
 def test_grad_accumulation_matches_full_batch(data_dir, tmp_path):
   # No dropout in runlocal: the mean of the micro-batch gradients equals the
   # full-batch gradient, so both runs must agree to float precision.

@@ -41,7 +41,7 @@ def main(repeats: int = 9) -> None:
 
     def old(ws, nm=nm):   # two masks: forward, then backward
       a = [core.effective_kernel(w, nm, (0,), alpha=alpha)[0] for w in ws]
-      tie = 1 + 0 * a[0].reshape(-1)[0]
+      tie = 1 + 0 * a[0][(0,) * a[0].ndim]
       return a, [core.effective_kernel(w * tie, nm, (0,), alpha=alpha)[0]
                  for w in ws]
 

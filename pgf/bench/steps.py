@@ -514,7 +514,7 @@ def sparse_work_fn(s: step_lib.Setup, plan) -> Callable | None:
       kernels.append(w_eff)
     out = [kernels]
     if recompute:
-      tie = 1 + 0 * kernels[0].reshape(-1)[0]
+      tie = 1 + 0 * kernels[0][(0,) * kernels[0].ndim]
       out.append([core.kernel_from_bits(flat[p] * tie.astype(flat[p].dtype),
                                         b, alphas[p])
                   for p, b in zip(paths, bits)])

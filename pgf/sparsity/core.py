@@ -30,7 +30,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pgf.sparsity.masks import NM
 from pgf.sparsity.masks import nm_mask
@@ -181,7 +180,9 @@ def _after(w: jax.Array, g: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier((w, g))[0]
 
   def tie(w, g):
-    g0 = jax.lax.convert_element_type(g.reshape(-1)[0], w.dtype)
+    # One element by index, not of g.reshape(-1): flattening a sharded g
+    # would gather all of it onto every device.
+    g0 = jax.lax.convert_element_type(g[(0,) * g.ndim], w.dtype)
     return w * (1 + 0 * g0)
 
   return jax.lax.platform_dependent(w, g, cpu=tie, default=barrier)
@@ -191,28 +192,56 @@ def _weff(w, nm, axes, alpha, name):
   return w * _mask_and_scale(w, nm, axes, alpha, name)[1]
 
 
+def _pack_axis(shape: Sequence[int]) -> int:
+  """The axis `pack_mask` packs: the first, unless only the last is a
+  multiple of 32 (attention output kernels [heads, head_dim, embed],
+  convolutions [h, w, in, out])."""
+  if len(shape) > 1 and shape[0] % 32 and not shape[-1] % 32:
+    return len(shape) - 1
+  return 0
+
+
 def pack_mask(mask: jax.Array) -> jax.Array:
-  """A kernel's bool mask as bits: uint32 [ceil(A / 32), B] for the mask seen
-  as [A, B] (B its last axis), bit i of word [a, b] the mask at
-  [32 a + i, b]; 1/32 of a float32 kernel's bytes. Packed along the major
-  axis, so both directions are elementwise along the contiguous one."""
-  b = mask.shape[-1] if mask.ndim else 1
-  flat = mask.reshape(-1, b)
-  flat = jnp.pad(flat, ((0, -flat.shape[0] % 32), (0, 0)))
-  rows = flat.reshape(-1, 32, b).astype(jnp.uint32)
-  # A sum of distinct powers of two: the OR. One reduction over the middle
-  # axis: 2-3x faster on XLA:CPU than 32 slices shifted and OR-ed, and its
-  # result is stored where it is computed (`kernel_and_bits`).
-  shift = jnp.arange(32, dtype=jnp.uint32)[None, :, None]
-  return jnp.sum(rows << shift, axis=1, dtype=jnp.uint32)
+  """A kernel's bool mask as bits, uint32, 1/32 of a float32 kernel's bytes.
+
+  Packed along one axis (`_pack_axis`), 32 entries to a word, bit i of word
+  j the mask at index 32 j + i of that axis (zero-padded to a multiple of
+  32); every other axis is kept. So the bits of a sharded kernel are sharded
+  like it, and packing and unpacking need no data from other devices (a
+  flattened kernel would have to be gathered where a minor axis is sharded,
+  e.g. the heads of a [embed, heads, head_dim] kernel).
+  """
+  mask = mask.reshape(mask.shape or (1,))
+  axis = _pack_axis(mask.shape)
+  pad = [(0, 0)] * mask.ndim
+  pad[axis] = (0, -mask.shape[axis] % 32)
+  padded = jnp.pad(mask, pad)
+  shape = list(padded.shape)
+  shape[axis:axis + 1] = [shape[axis] // 32, 32]
+  words = padded.reshape(shape).astype(jnp.uint32)
+  # A sum of distinct powers of two: the OR. One reduction over the 32-axis:
+  # 2-3x faster on XLA:CPU than 32 slices shifted and OR-ed.
+  return jnp.sum(words << _shifts(len(shape), axis + 1), axis=axis + 1,
+                 dtype=jnp.uint32)
+
+
+def _shifts(ndim: int, axis: int) -> jax.Array:
+  shape = [1] * ndim
+  shape[axis] = 32
+  return jnp.arange(32, dtype=jnp.uint32).reshape(shape)
 
 
 def unpack_mask(bits: jax.Array, shape: Sequence[int]) -> jax.Array:
   """The bool mask of `shape` that `pack_mask` turned into `bits`."""
-  shift = jnp.arange(32, dtype=jnp.uint32)[None, :, None]
-  flat = ((bits[:, None, :] >> shift) & 1).astype(bool).reshape(
-      -1, bits.shape[-1])
-  return flat[:int(np.prod(shape)) // bits.shape[-1]].reshape(shape)
+  full = tuple(shape) or (1,)
+  axis = _pack_axis(full)
+  words = jnp.expand_dims(bits, axis + 1)
+  flags = ((words >> _shifts(words.ndim, axis + 1)) & 1).astype(bool)
+  wide = list(bits.shape)
+  wide[axis] *= 32
+  flags = flags.reshape(wide)
+  return jax.lax.slice_in_dim(flags, 0, full[axis], axis=axis).reshape(
+      tuple(shape))
 
 
 def kernel_from_bits(w: jax.Array, bits: jax.Array,
@@ -233,17 +262,16 @@ def kernel_and_bits(w: jax.Array, nm: NM, axes: Sequence[int],
                     alpha: jax.Array, *, name: str = 'kernel'
                     ) -> tuple[jax.Array, jax.Array]:
   """(w_eff, the mask's bits), as the forward pass of `sparse_product` makes
-  them. The packing is a reduction (XLA stores its result) and w_eff is
-  tied to the bits (a factor 1 + 0 * bit, exactly 1), so they are packed
-  before the product and the mask's larger intermediates die with the
-  layer's forward pass. Packed by an elementwise fusion instead, XLA:CPU
-  moved it to the backward pass and kept a word per group of every layer
-  until then (7 MiB instead of 0.9 on the test's eight 1024x1024 kernels
-  at 1:4)."""
-  mask, scale = _mask_and_scale(w, nm, axes, alpha, name)
-  bits = pack_mask(mask)
-  tie = 1 + 0 * bits[0, 0].astype(w.dtype)
-  return w * (scale * tie), bits
+  them: w_eff is built from the bits (`kernel_from_bits`), as the backward
+  pass rebuilds it, so the bits are packed before the product and the
+  mask's larger intermediates die with the layer's forward pass. Packed
+  beside w_eff instead (an elementwise fusion), XLA:CPU moved the packing to
+  the backward pass and kept a word per group of every layer until then (7
+  MiB instead of 0.9 on the test's eight 1024x1024 kernels at 1:4). The
+  dependence is elementwise, so a sharded kernel needs no data from other
+  devices for it."""
+  bits = pack_mask(nm_mask(w, nm, axes, name=name))
+  return kernel_from_bits(w, bits, alpha), bits
 
 
 def _sp_fwd(op, nm, axes, name, x, w, alpha):
