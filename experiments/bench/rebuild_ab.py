@@ -47,7 +47,7 @@ def main(repeats: int = 9) -> None:
 
     def new(ws, nm=nm):   # one mask and its bits, then the bits
       ab = [core.kernel_and_bits(w, nm, (0,), alpha) for w in ws]
-      tie = 1 + 0 * ab[0][0].reshape(-1)[0]
+      tie = 1 + 0 * ab[0][0][(0,) * ab[0][0].ndim]
       return [k for k, _ in ab], [core.kernel_from_bits(w * tie, b, alpha)
                                   for w, (_, b) in zip(ws, ab)]
 

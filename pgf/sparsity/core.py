@@ -119,14 +119,13 @@ def effective_kernel(w: jax.Array, nm: NM, axes: Sequence[int], *,
   """
   alpha = jnp.zeros((), w.dtype) if alpha is None else jnp.asarray(
       alpha, w.dtype)
-  mask, scale = _mask_and_scale(w, nm, axes, alpha, name)
-  return straight_through_scale(w, scale), mask
-
-
-def _mask_and_scale(w, nm, axes, alpha, name):
-  """The mask and m + (1 - m) alpha, as a select."""
   mask = nm_mask(w, nm, axes, name=name)
-  return mask, jnp.where(mask, jnp.ones((), w.dtype), alpha)
+  return straight_through_scale(w, _scale(mask, alpha, w.dtype)), mask
+
+
+def _scale(mask: jax.Array, alpha: jax.Array, dtype) -> jax.Array:
+  """m + (1 - m) alpha, as a select: every w_eff is w times this."""
+  return jnp.where(mask, jnp.ones((), dtype), alpha)
 
 
 def hard_kernel(w: jax.Array, nm: NM, axes: Sequence[int], *,
@@ -189,7 +188,7 @@ def _after(w: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _weff(w, nm, axes, alpha, name):
-  return w * _mask_and_scale(w, nm, axes, alpha, name)[1]
+  return w * _scale(nm_mask(w, nm, axes, name=name), alpha, w.dtype)
 
 
 def _pack_axis(shape: Sequence[int]) -> int:
@@ -247,8 +246,7 @@ def unpack_mask(bits: jax.Array, shape: Sequence[int]) -> jax.Array:
 def kernel_from_bits(w: jax.Array, bits: jax.Array,
                      alpha: jax.Array) -> jax.Array:
   """w_eff from the packed mask: w * (m + (1 - m) alpha), as `_weff`."""
-  mask = unpack_mask(bits, w.shape)
-  return w * jnp.where(mask, jnp.ones((), w.dtype), alpha)
+  return w * _scale(unpack_mask(bits, w.shape), alpha, w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
