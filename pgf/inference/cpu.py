@@ -54,6 +54,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'passive')
 
 import numba  # noqa: E402  (after the environment above)
 
+from pgf import numba_ffi  # noqa: E402
 from pgf.inference import lookup  # noqa: E402
 
 UNROLL = 4  # Kept weights per inner iteration; J is padded to a multiple.
@@ -74,9 +75,6 @@ LOOKUP_ROWS_DENSE = 12
 # up to 16 threads. (numba.get_num_threads() inside a kernel would make it
 # uncacheable: it compiles to a process-specific address.)
 WORK_ITEMS = 16
-# The XLA FFI C API version whose struct layouts the handler reads
-# (XLA_FFI_API_MAJOR / _MINOR of the jaxlib headers it was written for).
-FFI_API_VERSION = (0, 3)
 
 
 @contextlib.contextmanager
@@ -188,27 +186,6 @@ def _gather_row(x, vals, rows, y):
     y[o] = acc
 
 
-def _pointer_cast(dtype):
-  """An intrinsic turning an int64 address into a typed pointer."""
-  ptr = numba.types.CPointer(dtype)
-
-  @numba.extending.intrinsic
-  def cast(typingctx, addr):
-    del typingctx
-
-    def codegen(context, builder, signature, args):
-      del signature
-      return builder.inttoptr(args[0], context.get_value_type(ptr))
-    return ptr(numba.types.int64), codegen
-  return cast
-
-
-_as_i64 = _pointer_cast(numba.types.int64)
-_as_i32 = _pointer_cast(numba.types.int32)
-_as_f32 = _pointer_cast(numba.types.float32)
-_as_u32 = _pointer_cast(numba.types.uint32)
-
-
 # The tile kernels, compiled on first use (`_compile_tiles`); `_dispatch`
 # calls them as globals, which numba reads when it compiles `_dispatch`.
 _tile8 = _tile16 = _tile32 = _tile32_parallel = None
@@ -244,49 +221,21 @@ def _dispatch(x, vals, rows, y):
     y[full:] = out[:rest]
 
 
-@numba.njit(inline='always')
-def _buffer(frame, group, i, rank=2):
-  """(data address, dims[rank]) of argument (group 5) or result (group
-  10) i of an XLA_FFI_CallFrame seen as int64 words."""
-  entries = numba.carray(_as_i64(frame[group + 4]), i + 1)
-  buf = numba.carray(_as_i64(entries[i]), 6)  # XLA_FFI_Buffer.
-  return buf[3], numba.carray(_as_i64(buf[5]), rank)
-
-
-@numba.njit(inline='always')
-def _answered_metadata(frame):
-  """True if XLA only asks for metadata (then answered here): the FFI API
-  version these offsets are for."""
-  ext = frame[1]
-  if ext == 0:
-    return False
-  if numba.carray(_as_i32(ext + 8), 1)[0] == 1:
-    meta = numba.carray(_as_i64(ext), 4)[3]
-    version = numba.carray(_as_i64(meta + 8), 2)
-    version[0] = 24  # XLA_FFI_Api_Version struct_size.
-    version[1] = 0
-    ints = numba.carray(_as_i32(meta + 24), 3)
-    ints[0] = FFI_API_VERSION[0]
-    ints[1] = FFI_API_VERSION[1]
-    ints[2] = 0  # No handler traits.
-  return True
-
-
 def _ffi_handler(frame_ptr):
   """XLA FFI handler (compiled as a cfunc by `_ffi_target`)."""
   # XLA_FFI_CallFrame (xla/ffi/api/c_api.h, x86-64): struct_size,
   # extension_start, api, ctx, stage, args (5 words), rets (5 words).
   frame = numba.carray(frame_ptr, 15)
-  if _answered_metadata(frame):
+  if numba_ffi.answered_metadata(frame):
     return 0
-  xd, xs = _buffer(frame, 5, 0)
-  vd, vs = _buffer(frame, 5, 1)
-  rd, _ = _buffer(frame, 5, 2)
-  yd, _ = _buffer(frame, 10, 0)
-  _dispatch(numba.carray(_as_f32(xd), (xs[0], xs[1])),
-            numba.carray(_as_f32(vd), (vs[0], vs[1])),
-            numba.carray(_as_u32(rd), (vs[0], vs[1])),
-            numba.carray(_as_f32(yd), (xs[0], vs[0])))
+  xd, xs = numba_ffi.buffer(frame, 5, 0)
+  vd, vs = numba_ffi.buffer(frame, 5, 1)
+  rd, _ = numba_ffi.buffer(frame, 5, 2)
+  yd, _ = numba_ffi.buffer(frame, 10, 0)
+  _dispatch(numba.carray(numba_ffi.as_f32(xd), (xs[0], xs[1])),
+            numba.carray(numba_ffi.as_f32(vd), (vs[0], vs[1])),
+            numba.carray(numba_ffi.as_u32(rd), (vs[0], vs[1])),
+            numba.carray(numba_ffi.as_f32(yd), (xs[0], vs[0])))
   return 0  # A null XLA_FFI_Error*: success.
 
 
@@ -301,13 +250,13 @@ def _lookup_handler(frame_ptr):
   [W, kw, Op] -> y [R, Op] (zeroed, then accumulated); the window
   Wn = K / W picks the kernel."""
   frame = numba.carray(frame_ptr, 15)
-  if _answered_metadata(frame):
+  if numba_ffi.answered_metadata(frame):
     return 0
-  xd, xs = _buffer(frame, 5, 0)
-  vd, vs = _buffer(frame, 5, 1, 3)
-  pd, _ = _buffer(frame, 5, 2, 3)
-  yd, _ = _buffer(frame, 10, 0)
-  numba.carray(_as_f32(yd), xs[0] * vs[2])[:] = 0.0
+  xd, xs = numba_ffi.buffer(frame, 5, 0)
+  vd, vs = numba_ffi.buffer(frame, 5, 1, 3)
+  pd, _ = numba_ffi.buffer(frame, 5, 2, 3)
+  yd, _ = numba_ffi.buffer(frame, 10, 0)
+  numba.carray(numba_ffi.as_f32(yd), xs[0] * vs[2])[:] = 0.0
   wn = xs[1] // vs[0]
   if wn == 8:
     _lookup8(xd, xs[0], xs[1], pd, vd, vs[0], vs[1], vs[2], yd)
@@ -318,22 +267,6 @@ def _lookup_handler(frame_ptr):
   else:
     _lookup_t4(xd, xs[0], xs[1], pd, vd, vs[0], vs[1], vs[2], yd)
   return 0
-
-
-_LIVE = []
-
-
-def _register(name: str, handler) -> str:
-  """Compiles an FFI handler as a cfunc (cached on disk) and registers it
-  with XLA as `name`."""
-  sig = numba.types.int64(numba.types.CPointer(numba.types.int64))
-  cfunc = numba.cfunc(sig, nopython=True, cache=True)(handler)
-  # XLA keeps only the function pointer: the cfunc (which owns the machine
-  # code) must live as long as the process.
-  _LIVE.append(cfunc)
-  jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(cfunc.ctypes),
-                              platform='cpu')
-  return name
 
 
 @functools.cache
@@ -348,7 +281,7 @@ def _compile_tiles() -> None:
 def _ffi_target() -> str:
   """The gather and tile kernels' FFI target (compiled once per process)."""
   _compile_tiles()
-  return _register('pgf_nm_matmul', _ffi_handler)
+  return numba_ffi.register('pgf_nm_matmul', _ffi_handler)
 
 
 @functools.cache
@@ -358,7 +291,7 @@ def _lookup_target() -> str:
   _lookup8 = lookup.kernel(8, 1)
   _lookup_t1, _lookup_t2, _lookup_t4 = (lookup.kernel(lookup.LANES, t)
                                         for t in (1, 2, 4))
-  return _register('pgf_nm_lookup', _lookup_handler)
+  return numba_ffi.register('pgf_nm_lookup', _lookup_handler)
 
 
 def run(x: np.ndarray, vals: np.ndarray, rows: np.ndarray,
