@@ -27,7 +27,8 @@ setuptools.setup(
         'jax>=0.7',
         'matplotlib>=3.8',
         'ml_collections>=1.0',
-        # Compiles the CPU N:M inference kernels (pgf.inference.cpu).
+        # Compiles the CPU N:M inference kernels (pgf.inference.cpu) and the
+        # CPU mask kernel (pgf.sparsity.mask_kernel).
         'numba>=0.60',
         'numpy>=1.26',
         'optax>=0.2.5',

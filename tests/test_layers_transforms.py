@@ -341,9 +341,10 @@ def test_recompute_is_bit_equal_to_keeping_the_kernel(dtype):
          rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5, atol=1e-2)
 
 
-def _step_temp_mib(plan, layers=8, width=1024, batch=8) -> float:
+def _step_temp_mib(plan, layers=8, width=1024, batch=8, hlo=False):
   """XLA temporary memory of a compiled Adam step of `layers` SparseDense
-  layers of width x width (the state donated, as pgf's step does)."""
+  layers of width x width (the state donated, as pgf's step does); with
+  `hlo`, also the compiled step's HLO text."""
 
   class MLP(nn.Module):
     @nn.compact
@@ -366,7 +367,8 @@ def _step_temp_mib(plan, layers=8, width=1024, batch=8) -> float:
 
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
       params, opt, x).compile()
-  return compiled.memory_analysis().temp_size_in_bytes / 2**20
+  mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+  return (mib, compiled.as_text()) if hlo else mib
 
 
 def test_recompute_keeps_no_effective_kernel_for_the_backward_pass():

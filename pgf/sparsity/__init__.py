@@ -3,6 +3,8 @@ layers, the model-agnostic Sparsifier and optax transforms.
 
 Where things are:
   masks.py       nm_mask(w, nm, axes): where the N:M mask is computed.
+  mask_kernel.py the CPU mask kernel nm_mask takes on one CPU device where
+                 it was measured faster (numba, an XLA FFI custom call).
   recipes.py     every recipe, defined once: alpha(t), gradient rule, frames.
   schedules.py   SparsitySchedule: where the step turns into alpha, pattern
                  and phase (all pure functions of the step).

@@ -30,12 +30,19 @@ order of magnitude slower). Per pattern family:
 Every step is elementwise across groups (the group is never the vectorised
 axis), which suits GPUs as well; there are no host callbacks and no
 data-dependent control flow.
+
+On a process with one CPU device, groups along a major axis take a CPU
+kernel instead where it was measured faster (`pgf.sparsity.mask_kernel`:
+an XLA custom call that reads each group once and keeps its best keys in
+vector registers; chosen by `_kernel_applies`, switched by `impl` or the
+environment variable PGF_MASK_KERNEL). Its masks are the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
+import os
 import re
 from typing import Any
 
@@ -116,7 +123,7 @@ def _grouped(x: jax.Array, axes: tuple[int, ...], m: int) -> jax.Array:
 
 
 def nm_mask(w: jax.Array, nm: NM, axes: int | Sequence[int] = 0, *,
-            name: str = 'kernel') -> jax.Array:
+            name: str = 'kernel', impl: str | None = None) -> jax.Array:
   """Boolean N:M mask of `w`, keeping the N largest |w| of each group.
 
   Exact: equal to `nm_mask_reference` for every input. Among equal
@@ -129,10 +136,21 @@ def nm_mask(w: jax.Array, nm: NM, axes: int | Sequence[int] = 0, *,
     axes: contiguous axes along which groups of M consecutive weights are
       taken (flattened in row-major order). 0 for a Dense kernel's input axis.
     name: used in error messages.
+    impl: 'auto' (the default; the environment variable PGF_MASK_KERNEL,
+      read when the caller is traced, sets it for a process): on a process
+      with a single CPU device, the CPU mask kernel
+      (`pgf.sparsity.mask_kernel`) where it was measured faster, XLA ops
+      elsewhere; 'xla': XLA ops everywhere; 'kernel': the CPU kernel on any
+      CPU wherever it applies (it sees whole arrays: under a multi-device
+      mesh XLA would gather a sharded kernel for it). Every choice gives the
+      same mask; on other backends it is always XLA's. The kernel is a
+      custom call registered by this process: a function serialized with
+      `jax.export` needs 'xla'.
 
   Returns:
     bool array of `w.shape` with exactly `nm.n` True values per group.
   """
+  impl = _implementation(impl)
   axes = check_groupable(w.shape, nm, axes, name=name)
   n, m = nm.n, nm.m
   if n == m:
@@ -146,13 +164,69 @@ def nm_mask(w: jax.Array, nm: NM, axes: int | Sequence[int] = 0, *,
   # axis): the group is the minor axis and A takes its place.
   shape = (outer, m, inner) if inner > 1 else (outer, m)
   g = jax.lax.stop_gradient(w).reshape(shape)
-  if min(n, m - n) == 1:
-    keep = _select_one(g, top=n == 1)
-  elif m <= _MAX_RANKED:
-    keep = _select_by_rank(g, n)
+  if impl != 'xla' and _kernel_applies(g, n, impl):
+    from pgf.sparsity import mask_kernel  # numba: imported on first use.
+    keep = jax.lax.platform_dependent(
+        g, cpu=lambda g: mask_kernel.mask(g, n),
+        default=lambda g: _xla_mask(g, n))
   else:
-    keep = _select_many(g, n)
+    keep = _xla_mask(g, n)
   return keep.reshape(w.shape)
+
+
+IMPLS = ('auto', 'xla', 'kernel')
+
+
+def _implementation(impl: str | None) -> str:
+  source = 'impl'
+  if impl is None:
+    impl, source = os.environ.get('PGF_MASK_KERNEL', 'auto'), 'PGF_MASK_KERNEL'
+  if impl not in IMPLS:
+    raise ValueError(f'nm_mask: {source}={impl!r} is not one of {IMPLS}.')
+  return impl
+
+
+def _kernel_applies(g: jax.Array, n: int, impl: str) -> bool:
+  """Whether `nm_mask` takes the CPU kernel for the (A, M, B) view g (on a
+  CPU; `jax.lax.platform_dependent` keeps XLA's ops for other backends).
+  The kernel needs B a multiple of its 16 lanes and K = min(N, M - N) up to
+  _KERNEL_MAX_K."""
+  if g.ndim != 3:
+    return False          # Groups along the minor axis: XLA.
+  try:
+    cpus = len(jax.local_devices(backend='cpu'))
+  except RuntimeError:    # No CPU backend in this process.
+    return False
+  if impl == 'auto' and (jax.process_count() > 1 or cpus > 1):
+    return False          # A mesh may shard the kernel: XLA partitions it.
+  m, inner = g.shape[1], g.shape[2]
+  if jnp.dtype(g.dtype).name not in ('float32', 'bfloat16', 'float16'):
+    return False
+  k = min(n, m - n)
+  if not (1 <= k <= _KERNEL_MAX_K and inner % 16 == 0):
+    return False
+  if impl == 'kernel':
+    return True
+  # Where it was faster than the XLA ops (python -m pgf.bench.masks, the
+  # ViT-B and T5-Base kernels, float32, 2-core Zen 4; the `pgf` and `xla`
+  # columns of experiments/bench/masks_cpu.md): groups of 32 and more with
+  # lists up to 8, from _KERNEL_MIN_SIZE weights (the FF kernels: 1.0-2.6x
+  # faster) or, on smaller kernels (768 x 768), from groups of
+  # _KERNEL_MIN_WIDE at K >= 2. For M <= 16 XLA's masks were as fast or
+  # faster (2:4 and 8:16 by 1.1-1.6x), and at K = 16 they were even.
+  if m < 32 or k > 8:
+    return False
+  return g.size >= _KERNEL_MIN_SIZE or (k >= 2 and m >= _KERNEL_MIN_WIDE)
+
+
+def _xla_mask(g: jax.Array, n: int) -> jax.Array:
+  """The mask of g (A, M[, B]), groups along axis 1, from XLA ops."""
+  m = g.shape[1]
+  if min(n, m - n) == 1:
+    return _select_one(g, top=n == 1)
+  if m <= _MAX_RANKED:
+    return _select_by_rank(g, n)
+  return _select_many(g, n)
 
 
 # Magnitudes become int32 keys: the IEEE bits of |w| order non-negative
@@ -180,6 +254,11 @@ _CHUNK = 64
 _MAX_STORED = 8
 # Longest sorted lists merged by a network (see _select_many).
 _MAX_NETWORK = 32
+# K = min(N, M - N) up to which the CPU kernel keeps its list in registers
+# (pgf.sparsity.mask_kernel.MAX_K; not imported here: it needs numba).
+_KERNEL_MAX_K = 16
+_KERNEL_MIN_SIZE = 1 << 20
+_KERNEL_MIN_WIDE = 128
 
 
 def _keys(x: jax.Array) -> jax.Array:
