@@ -28,14 +28,16 @@ share the machine's state:
 * copy: a large jitted elementwise op (`x * 2 + 1` on 256 MiB, in place),
   the machine's memory bandwidth (the kernels themselves fit in its L3).
 
-Implementations: `pgf` (pgf.sparsity.nm_mask), `main` (the implementation it
-replaced, kept here as a private copy) and `jaxpruner` (jaxpruner's N:M
-formulation, a double argsort of -|w| along the group axis; its time does not
-depend on N, so it is timed once per M). Compile time is excluded (reported
-separately); each sample is the mean of enough back-to-back calls to last
---min_sample_ms, after half as many untimed calls (the first calls after
-other work are 2-10x slower); min and median over --repeats samples (3 for
-calls over 0.1 s). GB/s = (kernel bytes
+Implementations: `pgf` (pgf.sparsity.nm_mask as it runs here: on one CPU
+device it takes the CPU mask kernel where that was measured faster), `xla`
+(nm_mask from XLA ops alone, `impl='xla'`, as on GPU and TPU), `main` (the
+implementation it replaced, kept here as a private copy) and `jaxpruner`
+(jaxpruner's N:M formulation, a double argsort of -|w| along the group axis;
+its time does not depend on N, so it is timed once per M). Compile time is
+excluded (reported separately); each sample is the mean of enough
+back-to-back calls to last --min_sample_ms, after half as many untimed calls
+(the first calls after other work are 2-10x slower); min and median over
+--repeats samples (3 for calls over 0.1 s). GB/s = (kernel bytes
 + mask bytes) / min time. `agree` checks pgf's mask against jaxpruner's
 (both exact with the lower-index tie rule on these NaN-free kernels).
 The optional `vit_ti_ff` row masks the 24 FF kernels of ViT-Ti/16 (12
@@ -74,7 +76,8 @@ flags.DEFINE_list(
 flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Kernel dtypes.')
 flags.DEFINE_list('groups', ['in', 'out'],
                   "Group axes: 'in' (contraction) and/or 'out' (output).")
-flags.DEFINE_list('impls', ['pgf', 'main', 'jaxpruner'], 'Implementations.')
+flags.DEFINE_list('impls', ['pgf', 'xla', 'main', 'jaxpruner'],
+                  'Implementations.')
 flags.DEFINE_integer('repeats', 7, 'Interleaved samples per row.')
 flags.DEFINE_float('min_sample_ms', 10.0,
                    'Minimum duration of one sample.')
@@ -168,7 +171,12 @@ def _jaxpruner_nm_mask(w, nm, axes=0):
   return _jaxpruner_ranks(w, nm.m, axes) < nm.n
 
 
-IMPLS = {'pgf': masks_lib.nm_mask, 'main': _main_nm_mask,
+def _xla_nm_mask(w, nm, axes=0):
+  """pgf's mask from XLA ops alone (without the CPU kernel)."""
+  return masks_lib.nm_mask(w, nm, axes, impl='xla')
+
+
+IMPLS = {'pgf': masks_lib.nm_mask, 'xla': _xla_nm_mask, 'main': _main_nm_mask,
          'jaxpruner': _jaxpruner_nm_mask}
 
 
