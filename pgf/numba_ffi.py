@@ -39,21 +39,19 @@ as_u32 = _pointer_cast(numba.types.uint32)
 
 
 @numba.njit(inline='always')
-def buffer(frame, group, i, rank=2):
-  """(data address, dims[rank]) of argument (group 5) or result (group
-  10) i of an XLA_FFI_CallFrame seen as int64 words."""
-  entries = numba.carray(as_i64(frame[group + 4]), i + 1)
-  buf = numba.carray(as_i64(entries[i]), 6)  # XLA_FFI_Buffer.
-  return buf[3], numba.carray(as_i64(buf[5]), rank)
-
-
-@numba.njit(inline='always')
 def buffer_dims(frame, group, i):
   """(data address, rank, address of dims[rank]) of argument (group 5) or
-  result (group 10) i, for buffers of any rank."""
+  result (group 10) i of an XLA_FFI_CallFrame seen as int64 words."""
   entries = numba.carray(as_i64(frame[group + 4]), i + 1)
   buf = numba.carray(as_i64(entries[i]), 6)  # XLA_FFI_Buffer.
   return buf[3], buf[4], as_i64(buf[5])
+
+
+@numba.njit(inline='always')
+def buffer(frame, group, i, rank=2):
+  """(data address, dims[rank]) of a buffer of known rank (`buffer_dims`)."""
+  data, _, dims = buffer_dims(frame, group, i)
+  return data, numba.carray(dims, rank)
 
 
 @numba.njit(inline='always')

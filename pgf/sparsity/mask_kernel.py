@@ -49,14 +49,13 @@ UNROLL = 2        # Vectors per strip (independent chains per row).
 # more than it saved).
 PARALLEL_ELEMENTS = 1 << 17
 
-_F32_MAX_BITS = 0x7F7FFFFF
-# dtype -> (bits per weight, magnitude bits, cap): the cap is the largest
-# finite value's bits for float32, the infinity's for 16-bit floats (as the
-# keys of `nm_mask`).
+# dtype -> (bits per weight, magnitude bits, cap): the keys of `nm_mask`
+# (the cap: the largest finite value's bits for float32, the infinity's for
+# 16-bit floats).
 _DTYPES = {
-    'float32': (32, 0x7FFFFFFF, _F32_MAX_BITS),
-    'bfloat16': (16, 0x7FFF, 0x7F80),
-    'float16': (16, 0x7FFF, 0x7C00),
+    'float32': (32, 0x7FFFFFFF, masks._F32_MAX_BITS),
+    **{dtype.name: (16, 0x7FFF, cap)
+       for dtype, cap in masks._HALF_INF_BITS.items()},
 }
 
 
@@ -147,7 +146,7 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str):
         # Both sorted: the better of held[i] and chunk[size-1-i] are the
         # best `size` of the two, a bitonic list; half-cleaners sort it.
         xs = [better(held[i], chunk[size - 1 - i]) for i in range(size)]
-        for i, j in _bitonic_pairs(size):
+        for i, j in masks._half_cleaners(size):
           xs[i], xs[j] = better(xs[i], xs[j]), worse(xs[i], xs[j])
         for i in range(size):
           builder.store(xs[i], lists[i][v])
@@ -158,7 +157,7 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str):
         rows = [keys(builder.add(first, const(j))) for j in range(size)]
         for v in range(u):
           xs = [rows[j][v] for j in range(size)]
-          for i, j in _sort_pairs(size):
+          for i, j in masks._odd_even_merge_sort(size):
             xs[i], xs[j] = better(xs[i], xs[j]), worse(xs[i], xs[j])
           merge(xs, v)
       # Rows past the last whole chunk (M not a multiple of size): inserted
@@ -205,22 +204,6 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str):
     return sig, codegen
 
   return strip
-
-
-def _sort_pairs(n: int) -> list[tuple[int, int]]:
-  """Comparators (i, j), i < j, of Batcher's odd-even merge sort of n = 2^k
-  inputs (i gets the better key): the network `nm_mask`'s XLA ops use."""
-  return masks._odd_even_merge_sort(n)
-
-
-def _bitonic_pairs(n: int) -> list[tuple[int, int]]:
-  """Comparators of the half-cleaners that sort a bitonic list of n = 2^k."""
-  pairs = []
-  half = n // 2
-  while half:
-    pairs.extend((i, i + half) for i in range(n) if not i & half)
-    half //= 2
-  return pairs
 
 
 def _splat_row(builder, r):

@@ -200,8 +200,8 @@ def _kernel_applies(g: jax.Array, n: int, impl: str) -> bool:
   if impl == 'auto' and (jax.process_count() > 1 or cpus > 1):
     return False          # A mesh may shard the kernel: XLA partitions it.
   m, inner = g.shape[1], g.shape[2]
-  if jnp.dtype(g.dtype).name not in ('float32', 'bfloat16', 'float16'):
-    return False
+  if g.dtype != jnp.float32 and jnp.dtype(g.dtype) not in _HALF_INF_BITS:
+    return False          # The kernel's keys: float32 and 16-bit floats.
   k = min(n, m - n)
   if not (1 <= k <= _KERNEL_MAX_K and inner % 16 == 0):
     return False
@@ -255,7 +255,8 @@ _MAX_STORED = 8
 # Longest sorted lists merged by a network (see _select_many).
 _MAX_NETWORK = 32
 # K = min(N, M - N) up to which the CPU kernel keeps its list in registers
-# (pgf.sparsity.mask_kernel.MAX_K; not imported here: it needs numba).
+# (its sorted lists of 16 fill them; pgf.sparsity.mask_kernel is not
+# imported here: it needs numba).
 _KERNEL_MAX_K = 16
 _KERNEL_MIN_SIZE = 1 << 20
 _KERNEL_MIN_WIDE = 128
@@ -565,14 +566,20 @@ def _sort(xs, hi, lo):
 def _bitonic_sort(xs, hi, lo):
   """Sorts a bitonic list (length a power of two): log2(L) half-cleaners."""
   xs = list(xs)
-  half = len(xs) // 2
-  while half:
-    for i in range(len(xs)):
-      if not i & half:
-        j = i + half
-        xs[i], xs[j] = hi(xs[i], xs[j]), lo(xs[i], xs[j])
-    half //= 2
+  for i, j in _half_cleaners(len(xs)):
+    xs[i], xs[j] = hi(xs[i], xs[j]), lo(xs[i], xs[j])
   return xs
+
+
+def _half_cleaners(n: int) -> list[tuple[int, int]]:
+  """Comparators (i, j), i < j, of the half-cleaners that sort a bitonic
+  list of n = 2^k."""
+  pairs = []
+  half = n // 2
+  while half:
+    pairs.extend((i, i + half) for i in range(n) if not i & half)
+    half //= 2
+  return pairs
 
 
 def _odd_even_merge_sort(n: int) -> list[tuple[int, int]]:
