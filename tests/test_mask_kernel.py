@@ -23,14 +23,15 @@ from pgf.sparsity import nm_mask_reference
 
 # K = min(N, M - N) = 1 (both directions), lists of 2-16 kept or dropped
 # keys, M from 4 to 256 (the kernel reads M at run time).
-PATTERNS = [(1, 4), (3, 4), (2, 4), (1, 8), (7, 8), (4, 8), (1, 16),
+PATTERNS = [(1, 4), (3, 4), (2, 4), (1, 8), (7, 8), (4, 8), (6, 8), (1, 16),
             (15, 16), (2, 16), (8, 16), (1, 32), (31, 32), (4, 32), (16, 32),
             (8, 64), (61, 64), (1, 128), (8, 128), (8, 256), (3, 48)]
 
-# name -> (group axes, shape for M): inner lengths 48 (a strip of 32 and one
-# of 16), 32 and 16, groups across leading axes and straddling heads.
+# name -> (group axes, shape for M): inner lengths 144 (wide strips of 128,
+# 64 or 32 columns and narrow ones of 16), 32 and 16, groups across leading
+# axes and straddling heads.
 LAYOUTS = {
-    'dense_in': (0, lambda m: (2 * m, 48)),
+    'dense_in': (0, lambda m: (2 * m, 144)),
     'qkv_in': (0, lambda m: (m, 2, 16)),
     'out_in': ((0, 1), lambda m: (2, m, 16)),
     'conv_in': (1, lambda m: (3, m, 32)),
@@ -180,10 +181,9 @@ def test_auto_keeps_xla_where_a_mesh_can_shard_the_kernel():
 
 
 def test_kernel_route_keeps_the_step_memory_of_the_xla_route(monkeypatch):
-  """The kernel writes a bool mask (1 MiB per layer here) where a mask of
-  XLA ops may fuse into the packing of its bits; it lives only while that
-  layer's bits are made, so the recomputing step needs dense's temporary
-  memory plus the masks' bits, as with XLA's mask
+  """On the kernel route the forward pass's w_eff and bits come from the
+  fused kernel (no bool mask at all); the recomputing step needs dense's
+  temporary memory plus the masks' bits, as with XLA's route
   (tests/test_layers_transforms.py), and the step does call the kernel."""
   from test_layers_transforms import _step_temp_mib
 
@@ -196,6 +196,137 @@ def test_kernel_route_keeps_the_step_memory_of_the_xla_route(monkeypatch):
   for impl in ('kernel', 'xla'):
     monkeypatch.setenv('PGF_MASK_KERNEL', impl)
     mib[impl], text = _step_temp_mib(plan, hlo=True)
-    calls = text.count('pgf_nm_mask_')
+    calls = text.count('pgf_nm_fused_')
     assert calls >= 8 if impl == 'kernel' else calls == 0, (impl, calls)
   assert mib['kernel'] - dense <= 1.25 * 8 * kernel / 32, (dense, mib)
+  assert mib['kernel'] <= mib['xla'] + 0.01, mib
+
+
+# -- w_eff and bits in one kernel (core.kernel_and_bits) ----------------------
+
+# name -> (group axes, shape for M): 'rows' bits (the kernel's first axis is
+# its only group axis; words of 32 rows hold whole groups) and 'cols' bits
+# (packed along the last axis, outside the group axes).
+FUSED_LAYOUTS = {
+    'dense_rows': (0, lambda m: (2 * max(m, 32), 144)),
+    'qkv_rows': (0, lambda m: (max(m, 32), 2, 32)),
+    'out_cols': ((0, 1), lambda m: (2, m, 160)),
+    'conv_cols': (1, lambda m: (3, m, 32)),
+}
+
+
+def _both_routes(w, nm, axes, alpha, monkeypatch):
+  """kernel_and_bits on the fused kernel ('kernel') and on XLA's route, with
+  the number of fused calls in the first."""
+  from pgf.sparsity import core
+  out, calls = {}, {}
+  for impl in ('kernel', 'xla'):
+    monkeypatch.setenv('PGF_MASK_KERNEL', impl)
+    fn = lambda w, a: core.kernel_and_bits(w, nm, axes, a)
+    calls[impl] = jax.jit(fn).lower(w, alpha).as_text().count('pgf_nm_fused')
+    out[impl] = [np.asarray(x) for x in jax.jit(fn)(w, alpha)]
+  return out['kernel'], out['xla'], calls['kernel']
+
+
+def _same_bits(a, b):
+  return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(
+      a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize('n,m', [p for p in PATTERNS if p != (3, 48)],
+                         ids=lambda v: str(v))
+def test_fused_kernel_equals_xla_route(n, m, monkeypatch):
+  """w_eff (to the bit, NaN payloads included) and the packed bits equal
+  XLA's route (mask, pack_mask, kernel_from_bits) on hard groups, in both
+  packings, with alpha 0 (hard mask) and MdGf's alpha."""
+  nm = NM(n, m)
+  for i, (layout, (axes, shape_fn)) in enumerate(FUSED_LAYOUTS.items()):
+    shape = shape_fn(m)
+    rng = np.random.default_rng(7000 * m + 10 * n + i)
+    groups = _hard_groups(rng, int(np.prod(shape)) // m, m)
+    w = jnp.asarray(_ungroup(groups, shape, axes).astype(np.float32))
+    for alpha in (0.0, 0.37):
+      what = f'{n}:{m} {layout} {shape} alpha {alpha}'
+      got, want, calls = _both_routes(w, nm, axes, jnp.float32(alpha),
+                                      monkeypatch)
+      assert calls == 1, what
+      assert _same_bits(got[0], want[0]), what
+      assert _same_bits(got[1], want[1]), what
+
+
+def test_fused_kernel_large_parallel_vmapped_and_grad(monkeypatch):
+  """A T5-Base FF kernel (parallel strips) at 1:32 and 8:64; a stack of
+  kernels under vmap, each with its own alpha; and sparse_product's
+  gradients, equal to XLA's route bit for bit."""
+  from pgf.sparsity import core
+  from pgf.sparsity import mask_kernel
+  rng = np.random.default_rng(11)
+  w = jnp.asarray(rng.normal(size=(2048, 768)), jnp.float32)
+  assert w.size >= mask_kernel.PARALLEL_ELEMENTS
+  for nm in (NM(1, 32), NM(8, 64)):
+    got, want, calls = _both_routes(w, nm, (0,), jnp.float32(0.5),
+                                    monkeypatch)
+    assert calls == 1 and all(map(_same_bits, got, want)), nm
+  stack = jnp.asarray(rng.normal(size=(3, 64, 48)), jnp.float32)
+  alphas = jnp.asarray([0.0, 0.25, 0.5], jnp.float32)
+  out = {}
+  for impl in ('kernel', 'xla'):
+    monkeypatch.setenv('PGF_MASK_KERNEL', impl)
+    out[impl] = jax.jit(jax.vmap(lambda w, a: core.kernel_and_bits(
+        w, NM(2, 16), (0,), a)))(stack, alphas)
+  assert all(_same_bits(np.asarray(a), np.asarray(b))
+             for a, b in zip(out['kernel'], out['xla']))
+
+  x = jnp.asarray(rng.normal(size=(8, 256)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(256, 96)), jnp.float32)
+
+  def loss(x, w):
+    y = core.sparse_product(lambda x, w: x @ w, x, w, NM(1, 16), (0,),
+                            alpha=0.2)
+    return jnp.sum(jnp.sin(y))
+
+  grads = {}
+  for impl in ('kernel', 'xla'):
+    monkeypatch.setenv('PGF_MASK_KERNEL', impl)
+    fn = jax.grad(loss, argnums=(0, 1))
+    text = jax.jit(fn).lower(x, w).as_text()
+    assert text.count('pgf_nm_fused') == (impl == 'kernel'), impl
+    grads[impl] = jax.jit(fn)(x, w)
+  for a, b in zip(grads['kernel'], grads['xla']):
+    assert _same_bits(np.asarray(a), np.asarray(b))
+
+
+def test_auto_takes_the_fused_kernel_where_it_applies(monkeypatch):
+  """'auto' on this single-device process: float32 kernels with K up to 8
+  whose bits pack along rows of whole groups or along columns; XLA's route
+  for bfloat16, K over 8 (the kernel was not faster), N = M, groups along
+  the minor axis, words that would split groups (M = 48), an odd number of
+  rows, and under 'xla'."""
+  from pgf.sparsity import core
+  monkeypatch.delenv('PGF_MASK_KERNEL', raising=False)
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  cases = {
+      '1:32 rows': (f32(768, 2048), NM(1, 32), (0,), 1),
+      '2:4 rows': (f32(64, 32), NM(2, 4), (0,), 1),
+      '8:64 cols': (f32(12, 64, 768), NM(8, 64), (0, 1), 1),
+      'bfloat16': (jax.ShapeDtypeStruct((64, 32), jnp.bfloat16), NM(2, 4),
+                   (0,), 0),
+      'K 16': (f32(64, 32), NM(16, 32), (0,), 0),
+      'N = M': (f32(64, 32), NM(4, 4), (0,), 0),
+      'minor axis': (f32(64, 32), NM(1, 16), (1,), 0),
+      'M 48': (f32(96, 32), NM(3, 48), (0,), 0),
+      'rows 80': (f32(80, 48), NM(1, 16), (0,), 0),
+  }
+  for what, (w, nm, axes, want) in cases.items():
+    fn = lambda w, nm=nm, axes=axes: core.kernel_and_bits(w, nm, axes, 0.0)
+    assert _fused_calls(fn, w) == want, what
+  monkeypatch.setenv('PGF_MASK_KERNEL', 'kernel')
+  assert _fused_calls(lambda w: core.kernel_and_bits(w, NM(16, 32), (0,), 0.0),
+                      f32(64, 32)) == 1
+  monkeypatch.setenv('PGF_MASK_KERNEL', 'xla')
+  assert _fused_calls(lambda w: core.kernel_and_bits(w, NM(1, 32), (0,), 0.0),
+                      f32(768, 2048)) == 0
+
+
+def _fused_calls(fn, *args):
+  return jax.jit(fn).lower(*args).as_text().count('pgf_nm_fused')

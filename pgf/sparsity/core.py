@@ -16,6 +16,8 @@ of that gradient (SR-STE's refill, MdGf 'scaled') are optax transforms
   the mask as bits (`pack_mask`: 1/32 of a float32 kernel), and rebuilds
   w_eff from w and the bits in the backward pass: the sparse step needs
   almost no more memory than the dense one (`python -m pgf.bench.memory`).
+  On one CPU device its forward pass makes w_eff and the bits in one
+  kernel (`kernel_and_bits`).
 * `effective_kernel(w, ...)`: w_eff alone, for the model-agnostic
   `Sparsifier`, which maps it over any model's parameter tree before the
   model runs. The model's own matmuls then keep w_eff for their backward
@@ -31,7 +33,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pgf.sparsity import masks as masks_lib
 from pgf.sparsity.masks import NM
+from pgf.sparsity.masks import check_groupable
+from pgf.sparsity.masks import group_view
 from pgf.sparsity.masks import nm_mask
 
 
@@ -257,24 +262,98 @@ def _sparse_product(op, nm, axes, name, x, w, alpha):
 
 
 def kernel_and_bits(w: jax.Array, nm: NM, axes: Sequence[int],
-                    alpha: jax.Array, *, name: str = 'kernel'
+                    alpha: jax.Array, *, name: str = 'kernel',
+                    after: jax.Array | None = None
                     ) -> tuple[jax.Array, jax.Array]:
   """(w_eff, the mask's bits), as the forward pass of `sparse_product` makes
-  them: w_eff is built from the bits (`kernel_from_bits`), as the backward
-  pass rebuilds it, so the bits are packed before the product and the
-  mask's larger intermediates die with the layer's forward pass. Packed
+  them (not differentiable; `sparse_product` owns the gradient).
+
+  On a process with one CPU device, float32 kernels with groups along a
+  major axis take one CPU kernel (`mask_kernel.kernel_and_bits`, chosen by
+  `_fused_pack`): it reads each group once and writes w_eff and the packed
+  bits, where XLA's route writes a bool mask, packs it, and reads the
+  kernel again for w_eff. Both routes give the same arrays bit for bit.
+
+  On XLA's route w_eff is built from the bits (`kernel_from_bits`), as the
+  backward pass rebuilds it, so the bits are packed before the product and
+  the mask's larger intermediates die with the layer's forward pass. Packed
   beside w_eff instead (an elementwise fusion), XLA:CPU moved the packing to
   the backward pass and kept a word per group of every layer until then (7
   MiB instead of 0.9 on the test's eight 1024x1024 kernels at 1:4). The
   dependence is elementwise, so a sharded kernel needs no data from other
-  devices for it."""
-  bits = pack_mask(nm_mask(w, nm, axes, name=name))
-  return kernel_from_bits(w, bits, alpha), bits
+  devices for it.
+
+  Args:
+    w, nm, axes, alpha, name: as `effective_kernel` (alpha a scalar).
+    after: an array the result must wait for (`_after`), or None.
+  """
+  alpha = jnp.asarray(alpha, w.dtype)
+  axes = check_groupable(w.shape, nm, axes, name=name)
+  pack = _fused_pack(w, nm, axes)
+
+  def xla(w, alpha, after):
+    if after is not None:
+      w = _after(w, after)
+    bits = pack_mask(nm_mask(w, nm, axes, name=name, impl='xla'
+                             if pack else None))
+    return kernel_from_bits(w, bits, alpha), bits
+
+  if pack is None:
+    return xla(w, alpha, after)
+
+  from pgf.sparsity import mask_kernel  # numba: imported on first use.
+
+  def cpu(w, alpha, after):
+    dep = after[(0,) * after.ndim] if after is not None else alpha
+    g = w.reshape(group_view(w.shape, nm.m, axes))
+    w_eff, bits = mask_kernel.kernel_and_bits(g, nm.n, alpha, dep, pack)
+    return w_eff.reshape(w.shape), bits.reshape(_bits_shape(w.shape))
+
+  return jax.lax.platform_dependent(w, alpha, after, cpu=cpu, default=xla)
+
+
+# K = min(N, M - N) up to which 'auto' takes the fused CPU kernel: there it
+# took 0.55-0.85x the time of XLA's route on T5-Base's FF kernels (w_eff and
+# bits, float32, 2-core Xeon, 2026-12-07); at K = 16 (16:32) 0.9-1.15x.
+_FUSED_MAX_K = 8
+
+
+def _fused_pack(w: jax.Array, nm: NM, axes: tuple[int, ...]) -> str | None:
+  """How the fused CPU kernel packs w's bits ('rows': along the kernel's
+  first axis, when that is the only group axis; 'cols': along its last
+  axis, outside the group axes), or None where XLA's route runs: 'xla'
+  (argument or PGF_MASK_KERNEL), no single CPU device, dtypes other than
+  float32, groups along the minor axis, N = M, and shapes the kernel does
+  not take (`mask_kernel.fused_applies`)."""
+  impl = masks_lib.implementation(None)
+  shape = group_view(w.shape, nm.m, axes)
+  if (nm.n == nm.m or w.dtype != jnp.float32
+      or not masks_lib.kernel_possible(shape, w.dtype, nm.n, impl)):
+    return None
+  if impl == 'auto' and min(nm.n, nm.m - nm.n) > _FUSED_MAX_K:
+    return None
+  axis = _pack_axis(w.shape)
+  if axis == 0 and axes == (0,):
+    pack = 'rows'
+  elif axis == w.ndim - 1 and axes[-1] < w.ndim - 1:
+    pack = 'cols'
+  else:
+    return None
+  from pgf.sparsity import mask_kernel  # numba: imported on first use.
+  return pack if mask_kernel.fused_applies(shape, nm.m, pack) else None
+
+
+def _bits_shape(shape: Sequence[int]) -> tuple[int, ...]:
+  """The shape of `pack_mask`'s bits for a kernel of `shape`."""
+  full = list(shape) or [1]
+  axis = _pack_axis(full)
+  full[axis] = -(-full[axis] // 32)
+  return tuple(full)
 
 
 def _sp_fwd(op, nm, axes, name, x, w, alpha):
   # The primal's product (the same w_eff), keeping the mask's bits.
-  w_eff, bits = kernel_and_bits(_after(w, x), nm, axes, alpha, name=name)
+  w_eff, bits = kernel_and_bits(w, nm, axes, alpha, name=name, after=x)
   return op(x, w_eff), (x, w, alpha, bits)
 
 

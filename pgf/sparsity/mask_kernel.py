@@ -1,30 +1,41 @@
-"""The CPU N:M mask kernel: one pass over the kernel, in vector registers.
+"""The CPU N:M mask kernels: one pass over the kernel, in vector registers.
 
-`nm_mask` on a single CPU device calls this kernel (an XLA FFI custom call,
-compiled by numba) instead of its XLA formulation where it was measured
-faster (`masks._kernel_applies`), for groups along a major axis: the kernel
-seen as (A, M, B), groups of M along the middle axis, B a multiple of LANES
-(a Dense kernel [in, out] grouped along `in`, the default: A = in / M,
-B = out). Same result bit for bit; see `nm_mask` for the rule.
+Two uses, both XLA FFI custom calls compiled by numba, on a single CPU
+device, for groups along a major axis: the kernel seen as (A, M, B), groups
+of M along the middle axis, B a multiple of LANES (a Dense kernel [in, out]
+grouped along `in`, the default: A = in / M, B = out).
+
+* `mask`: the bool mask, which `nm_mask` takes instead of its XLA
+  formulation where it was measured faster (`masks._kernel_applies`).
+* `kernel_and_bits`: what the forward pass of a sparse layer needs from its
+  kernel w, in one pass: w_eff = w * (mask ? 1 : alpha) and the mask packed
+  as bits (`core.pack_mask`'s layout), which `core.kernel_and_bits` takes
+  for float32 kernels (`core._fused_pack`). XLA's route writes a bool mask,
+  reads it back to pack it, and reads the kernel again for w_eff.
+
+Same results bit for bit; see `nm_mask` for the rule.
 
 Every exact mask made of XLA ops needs two passes over memory (a loop fusion
 computes each output element alone, so a group's result is stored and then
-read back per weight). This kernel takes a strip of LANES * U columns of one
-group at a time: it streams the group's M rows through registers once,
+read back per weight). These kernels take a strip of LANES * U columns of
+one group at a time: they stream the group's M rows through registers once,
 keeping per column the K = min(N, M - N) best magnitude keys so far (a
 sorted list of K rounded up to a power of two, S: each chunk of S rows is
 sorted by Batcher's network and merged into it by a bitonic merge), then
-writes the strip's mask while the rows are still in L1 (for K = 1 it keeps
-the index of the best key and only writes). Keys are the IEEE bits of |w|
-(inf and NaN capped at the largest finite value), as in `nm_mask`; ties
-keep the lower index: the list gives
-the K-th key T and how many kept keys exceed it, and the second pass keeps
-the first equal ones (drops the last, when K counts dropped weights).
+write the strip's outputs while the rows are still in L1 (for K = 1 they
+keep the index of the best key and only write). Keys are the IEEE bits of
+|w| (inf and NaN capped at the largest finite value), as in `nm_mask`; ties
+keep the lower index: the list gives the K-th key T and how many kept keys
+exceed it, and the second pass keeps the first equal ones (drops the last,
+when K counts dropped weights).
 
-The vectors are LLVM's generic vector types (`<16 x i32>`), so the kernel is
-portable: the compiler splits them to the CPU's registers (one AVX-512
+The vectors are LLVM's generic vector types (`<16 x i32>`), so the kernels
+are portable: the compiler splits them to the CPU's registers (one AVX-512
 register, two AVX2 ones). Strips run in parallel (numba prange) from
-PARALLEL_ELEMENTS weights.
+PARALLEL_ELEMENTS weights. (Running them on XLA's own intra-op thread pool,
+through the FFI's ThreadPool_Schedule, was tried on 2026-12-07 and was no
+faster: 0.40 vs 0.40-0.43 ms on a 768x2048 kernel, 71-76 vs 56-68 ms on
+T5-Base's 72 FF kernels, 2-core Xeon.)
 """
 
 from __future__ import annotations
@@ -44,7 +55,13 @@ from pgf import numba_ffi  # noqa: E402
 from pgf.sparsity import masks  # noqa: E402
 
 LANES = 16        # Columns per vector (32-bit lanes of a 512-bit vector).
-UNROLL = 2        # Vectors per strip (independent chains per row).
+# K -> vectors per strip: as many independent chains per row as the
+# registers hold beside the lists. Wider strips read longer runs of each
+# row: at 1:16 on a 768x2048 kernel, one thread, 0.33-0.35 ns per weight
+# for w_eff and bits with 8 vectors against 0.47-0.48 with 1 (2-core Xeon,
+# 2026-12-07; 2 and 4 vectors in between).
+UNROLL = {1: 8, 2: 8, 3: 4, 4: 4, **{k: 2 for k in range(5, 9)},
+          **{k: 1 for k in range(9, 17)}}
 # Weights from which strips run on all cores (below, waking the pool cost
 # more than it saved).
 PARALLEL_ELEMENTS = 1 << 17
@@ -59,21 +76,40 @@ _DTYPES = {
 }
 
 
-def _strip_pass(k: int, top: bool, u: int, dtype: str):
-  """An intrinsic: strip(w, mask, m, w_row_bytes, mask_row_bytes), addresses
-  as int64: the mask of u * LANES columns of one group of m rows."""
+# Outputs of a strip pass: the bool mask ('mask'), or w_eff with the mask's
+# bits packed along rows ('rows': 32 rows of a column to a word) or along
+# columns ('cols': 32 columns of a row to a word), as `core.pack_mask` lays
+# them out.
+OUTPUTS = ('mask', 'rows', 'cols')
+
+
+def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
+  """An intrinsic: strip(wa, oa, ba, m, ws, os, bs, count, alpha), addresses
+  and strides (bytes) as int64, alpha float32: the output of u * LANES
+  columns of `count` consecutive groups of m rows.
+
+  out 'mask': the bool mask at oa (row stride os; ba, bs, alpha unused).
+  out 'rows' / 'cols' (float32): w_eff = w * (mask ? 1 : alpha) at oa (row
+  stride os) and the mask's bits at ba: 'rows', word row (r // 32) at
+  ba + (r // 32) * bs, bit r % 32 (the block of count groups starts a word);
+  'cols', row r's 16-bit halves at ba + r * bs + 2 v (v: the strip's
+  vector; the strip starts at a multiple of 16 columns, ba points to its
+  first half)."""
   bits, magnitude, cap = _DTYPES[dtype]
+  fused = out != 'mask'
+  assert out in OUTPUTS and (not fused or dtype == 'float32')
 
   @numba.extending.intrinsic
-  def strip(typingctx, wa, ma, m, ws, ms):
+  def strip(typingctx, wa, oa, ba, m, ws, os_, bs, count, alpha):
     del typingctx
     i64 = numba.types.int64
-    sig = numba.types.void(i64, i64, i64, i64, i64)
+    sig = numba.types.void(*[i64] * 8, numba.types.float32)
 
     def emit(builder, args):
-      wa, ma, m, ws, ms = args
+      wa, oa, ba, m, ws, os_, bs, count, alpha = args
       word = ir.IntType(64)
       ivec = ir.VectorType(ir.IntType(32), LANES)
+      fvec = ir.VectorType(ir.FloatType(), LANES)
       lvec = ir.VectorType(ir.IntType(bits), LANES)
       bvec = ir.VectorType(ir.IntType(8), LANES)
       splat = lambda v: ir.Constant(ivec, [v] * LANES)
@@ -85,27 +121,6 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str):
       def smin(a, b):
         return builder.select(builder.icmp_signed('<', a, b), a, b)
 
-      def keys(r):
-        """The key vectors of row r (u of them)."""
-        row = builder.add(wa, builder.mul(ws, r))
-        out = []
-        for v in range(u):
-          ptr = builder.inttoptr(
-              builder.add(row, const(v * LANES * bits // 8)),
-              lvec.as_pointer())
-          x = builder.load(ptr, align=bits // 8)
-          if bits != 32:
-            x = builder.zext(x, ivec)
-          out.append(smin(builder.and_(x, splat(magnitude)), splat(cap)))
-        return out
-
-      def store(r, flags):
-        row = builder.add(ma, builder.mul(ms, r))
-        for v in range(u):
-          ptr = builder.inttoptr(builder.add(row, const(v * LANES)),
-                                 bvec.as_pointer())
-          builder.store(builder.zext(flags[v], bvec), ptr, align=1)
-
       def state(init):
         slots = []
         for _ in range(u):
@@ -114,87 +129,77 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str):
           slots.append(slot)
         return slots
 
-      if k == 1:
-        best = state(-1 if top else 0x7FFFFFFF)
-        at = state(0)
-        with cgutils.for_range(builder, m) as loop:
-          rv = _splat_row(builder, loop.index)
-          for v, key in enumerate(keys(loop.index)):
-            b = builder.load(best[v])
-            take = builder.icmp_signed('>' if top else '<=', key, b)
-            builder.store(builder.select(take, key, b), best[v])
-            builder.store(builder.select(take, rv, builder.load(at[v])),
-                          at[v])
-        with cgutils.for_range(builder, m) as loop:
-          rv = _splat_row(builder, loop.index)
-          flags = []
+      def ptr(base, stride, r, offset, ty):
+        addr = builder.add(builder.add(base, builder.mul(stride, r)),
+                           const(offset))
+        return builder.inttoptr(addr, ty.as_pointer())
+
+      def raw(base, r):
+        """The u vectors of row r of the group at `base`, as loaded."""
+        return [builder.load(ptr(base, ws, r, v * LANES * bits // 8, lvec),
+                             align=bits // 8) for v in range(u)]
+
+      def key(x):
+        if bits != 32:
+          x = builder.zext(x, ivec)
+        return smin(builder.and_(x, splat(magnitude)), splat(cap))
+
+      def keys(base, r):
+        return [key(x) for x in raw(base, r)]
+
+      if fused:
+        one = ir.Constant(fvec, [1.0] * LANES)
+        scale = builder.insert_element(ir.Constant(fvec, ir.Undefined),
+                                       alpha, ir.Constant(ir.IntType(32), 0))
+        scale = builder.shuffle_vector(scale, ir.Constant(fvec, ir.Undefined),
+                                       ir.Constant(ivec, [0] * LANES))
+        acc = state(0)
+        # Rows are visited in order, except where ties drop the last equal
+        # keys (K > 1, bottom); a word of 'rows' bits is stored after the
+        # last of its rows visited.
+        backward = k > 1 and not top
+        if backward:
+          at32 = builder.icmp_unsigned('>=', m, const(32))
+          last = builder.select(at32, const(0), builder.sub(const(32), m))
+        else:
+          last = const(31)
+
+      def write(block_row, obase, r, xs, flags):
+        """Writes row r of the group at obase (block row `block_row`)."""
+        if not fused:
           for v in range(u):
-            hit = builder.icmp_signed('==', builder.load(at[v]), rv)
-            flags.append(hit if top else builder.not_(hit))
-          store(loop.index, flags)
-        return
-
-      # The best `size` keys so far, sorted (size: K rounded up to a power
-      # of two), merged with each sorted chunk of `size` rows.
-      size = 1 << (k - 1).bit_length()
-      pad = -1 if top else 0x7FFFFFFF
-      lists = [state(pad) for _ in range(size)]
-      better, worse = (smax, smin) if top else (smin, smax)
-
-      def merge(chunk, v):
-        held = [builder.load(lists[i][v]) for i in range(size)]
-        # Both sorted: the better of held[i] and chunk[size-1-i] are the
-        # best `size` of the two, a bitonic list; half-cleaners sort it.
-        xs = [better(held[i], chunk[size - 1 - i]) for i in range(size)]
-        for i, j in masks._half_cleaners(size):
-          xs[i], xs[j] = better(xs[i], xs[j]), worse(xs[i], xs[j])
-        for i in range(size):
-          builder.store(xs[i], lists[i][v])
-
-      chunks = builder.udiv(m, const(size))
-      with cgutils.for_range(builder, chunks) as loop:
-        first = builder.mul(loop.index, const(size))
-        rows = [keys(builder.add(first, const(j))) for j in range(size)]
+            builder.store(builder.zext(flags[v], bvec),
+                          ptr(obase, os_, r, v * LANES, bvec), align=1)
+          return
         for v in range(u):
-          xs = [rows[j][v] for j in range(size)]
-          for i, j in masks._odd_even_merge_sort(size):
-            xs[i], xs[j] = better(xs[i], xs[j]), worse(xs[i], xs[j])
-          merge(xs, v)
-      # Rows past the last whole chunk (M not a multiple of size): inserted
-      # one by one.
-      rest = builder.sub(m, builder.mul(chunks, const(size)))
-      with cgutils.for_range(builder, rest) as loop:
-        r = builder.add(builder.mul(chunks, const(size)), loop.index)
-        for v, key in enumerate(keys(r)):
-          for i in range(size):
-            held = builder.load(lists[i][v])
-            builder.store(better(held, key), lists[i][v])
-            key = worse(held, key)
-      thresh, need = [], []
-      for v in range(u):
-        t = builder.load(lists[k - 1][v])
-        n = splat(k)
-        for i in range(k - 1):
-          past = builder.icmp_signed('>' if top else '<',
-                                     builder.load(lists[i][v]), t)
-          n = builder.sub(n, builder.zext(past, ivec))
-        thresh.append(t)
-        need.append(n)
-      seen = state(0)
-      # Ties: keep the first equal keys (top), drop the last ones (bottom).
-      with cgutils.for_range(builder, m) as loop:
-        r = loop.index if top else builder.sub(builder.sub(m, const(1)),
-                                               loop.index)
-        flags = []
-        for v, key in enumerate(keys(r)):
-          s = builder.load(seen[v])
-          tie = builder.and_(builder.icmp_signed('==', key, thresh[v]),
-                             builder.icmp_signed('<', s, need[v]))
-          builder.store(builder.add(s, builder.zext(tie, ivec)), seen[v])
-          past = builder.icmp_signed('>' if top else '<', key, thresh[v])
-          chosen = builder.or_(past, tie)
-          flags.append(chosen if top else builder.not_(chosen))
-        store(r, flags)
+          x = builder.bitcast(xs[v], fvec)
+          builder.store(builder.fmul(x, builder.select(flags[v], one, scale)),
+                        ptr(obase, os_, r, v * LANES * 4, fvec), align=4)
+        if out == 'cols':
+          half = ir.IntType(LANES)
+          for v in range(u):
+            builder.store(builder.bitcast(flags[v], half),
+                          ptr(ba, bs, block_row, 2 * v, half), align=2)
+          return
+        pos = builder.and_(block_row, const(31))
+        bit = _splat(builder, builder.shl(const(1), pos))
+        for v in range(u):
+          held = builder.load(acc[v])
+          builder.store(builder.select(flags[v], builder.or_(held, bit),
+                                       held), acc[v])
+        with builder.if_then(builder.icmp_unsigned('==', pos, last)):
+          wrow = builder.lshr(block_row, const(5))
+          for v in range(u):
+            builder.store(builder.load(acc[v]),
+                          ptr(ba, bs, wrow, v * LANES * 4, ivec), align=4)
+            builder.store(splat(0), acc[v])
+
+      with cgutils.for_range(builder, count) as group:
+        first = builder.mul(group.index, m)
+        base = builder.add(wa, builder.mul(ws, first))
+        obase = builder.add(oa, builder.mul(os_, first))
+        _group(builder, k, top, u, m, base, obase, first, raw, key, keys,
+               write, state, smax, smin, splat, const, ivec)
 
     def codegen(context, builder, signature, args):
       del signature
@@ -206,7 +211,96 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str):
   return strip
 
 
-def _splat_row(builder, r):
+def _group(builder, k, top, u, m, base, obase, first, raw, key, keys, write,
+           state, smax, smin, splat, const, ivec):
+  """The selection and the write pass of one group of m rows."""
+  if k == 1:
+    best = state(-1 if top else 0x7FFFFFFF)
+    at = state(0)
+    with cgutils.for_range(builder, m) as loop:
+      rv = _splat(builder, loop.index)
+      for v, x in enumerate(keys(base, loop.index)):
+        b = builder.load(best[v])
+        take = builder.icmp_signed('>' if top else '<=', x, b)
+        builder.store(builder.select(take, x, b), best[v])
+        builder.store(builder.select(take, rv, builder.load(at[v])), at[v])
+    with cgutils.for_range(builder, m) as loop:
+      rv = _splat(builder, loop.index)
+      flags = []
+      for v in range(u):
+        hit = builder.icmp_signed('==', builder.load(at[v]), rv)
+        flags.append(hit if top else builder.not_(hit))
+      xs = raw(base, loop.index)
+      write(builder.add(first, loop.index), obase, loop.index, xs, flags)
+    return
+
+  # The best `size` keys so far, sorted (size: K rounded up to a power of
+  # two), merged with each sorted chunk of `size` rows.
+  size = 1 << (k - 1).bit_length()
+  pad = -1 if top else 0x7FFFFFFF
+  lists = [state(pad) for _ in range(size)]
+  better, worse = (smax, smin) if top else (smin, smax)
+
+  def merge(chunk, v):
+    held = [builder.load(lists[i][v]) for i in range(size)]
+    # Both sorted: the better of held[i] and chunk[size-1-i] are the best
+    # `size` of the two, a bitonic list; half-cleaners sort it.
+    xs = [better(held[i], chunk[size - 1 - i]) for i in range(size)]
+    for i, j in masks._half_cleaners(size):
+      xs[i], xs[j] = better(xs[i], xs[j]), worse(xs[i], xs[j])
+    for i in range(size):
+      builder.store(xs[i], lists[i][v])
+
+  chunks = builder.udiv(m, const(size))
+  with cgutils.for_range(builder, chunks) as loop:
+    start = builder.mul(loop.index, const(size))
+    rows = [keys(base, builder.add(start, const(j))) for j in range(size)]
+    for v in range(u):
+      xs = [rows[j][v] for j in range(size)]
+      for i, j in masks._odd_even_merge_sort(size):
+        xs[i], xs[j] = better(xs[i], xs[j]), worse(xs[i], xs[j])
+      merge(xs, v)
+  # Rows past the last whole chunk (M not a multiple of size): inserted one
+  # by one.
+  rest = builder.sub(m, builder.mul(chunks, const(size)))
+  with cgutils.for_range(builder, rest) as loop:
+    r = builder.add(builder.mul(chunks, const(size)), loop.index)
+    for v, x in enumerate(keys(base, r)):
+      for i in range(size):
+        held = builder.load(lists[i][v])
+        builder.store(better(held, x), lists[i][v])
+        x = worse(held, x)
+  thresh, need = [], []
+  for v in range(u):
+    t = builder.load(lists[k - 1][v])
+    n = splat(k)
+    for i in range(k - 1):
+      past = builder.icmp_signed('>' if top else '<',
+                                 builder.load(lists[i][v]), t)
+      n = builder.sub(n, builder.zext(past, ivec))
+    thresh.append(t)
+    need.append(n)
+  seen = state(0)
+  # Ties: keep the first equal keys (top), drop the last ones (bottom).
+  with cgutils.for_range(builder, m) as loop:
+    r = loop.index if top else builder.sub(builder.sub(m, const(1)),
+                                           loop.index)
+    xs = raw(base, r)
+    flags = []
+    for v, x in enumerate(xs):
+      x = key(x)
+      s = builder.load(seen[v])
+      tie = builder.and_(builder.icmp_signed('==', x, thresh[v]),
+                         builder.icmp_signed('<', s, need[v]))
+      builder.store(builder.add(s, builder.zext(tie, ivec)), seen[v])
+      past = builder.icmp_signed('>' if top else '<', x, thresh[v])
+      chosen = builder.or_(past, tie)
+      flags.append(chosen if top else builder.not_(chosen))
+    write(builder.add(first, r), obase, r, xs, flags)
+
+
+def _splat(builder, r):
+  """A vector of LANES copies of the int64 r, as int32."""
   ivec = ir.VectorType(ir.IntType(32), LANES)
   one = builder.insert_element(ir.Constant(ivec, ir.Undefined),
                                builder.trunc(r, ir.IntType(32)),
@@ -226,28 +320,78 @@ def {name}(wa, ma, groups, m, b):
     off = g * m * b + (s * {width} if s < wide
                        else wide * {width} + (s - wide) * {lanes})
     if s < wide:
-      _wide(wa + off * {size}, ma + off, m, b * {size}, b)
+      _wide(wa + off * {size}, ma + off, 0, m, b * {size}, b, 0, 1, 0.0)
     else:
-      _narrow(wa + off * {size}, ma + off, m, b * {size}, b)
+      _narrow(wa + off * {size}, ma + off, 0, m, b * {size}, b, 0, 1, 0.0)
 '''
+
+_FUSED_DRIVER_SOURCE = '''
+def {name}(wa, ea, ba, aa, na, rows, m, b, rows_per_kernel):
+  """w_eff and bits of a (rows / m, m, b) float32 kernel at wa into ea and
+  ba; alpha at aa: na values, one per kernel of rows_per_kernel rows."""
+  alphas = numba.carray(_as_f32(aa), na)
+  block = m if {cols} or m >= 32 else 32      # rows per call
+  count = block // m
+  wide = b // {width}
+  per = wide + (b - wide * {width}) // {lanes}
+  words = b // 32
+  for item in {loop}((rows // block) * per):
+    blk = item // per
+    s = item - blk * per
+    col = s * {width} if s < wide else wide * {width} + (s - wide) * {lanes}
+    row = blk * block
+    alpha = alphas[(row // rows_per_kernel) % na]
+    off = (row * b + col) * 4
+    if {cols}:
+      bits = ba + (row * words + col // 32) * 4 + (col % 32) // 16 * 2
+      stride = words * 4
+    else:
+      bits = ba + ((row // 32) * b + col) * 4
+      stride = b * 4
+    if s < wide:
+      _wide(wa + off, ea + off, bits, m, b * 4, b * 4, stride, count, alpha)
+    else:
+      _narrow(wa + off, ea + off, bits, m, b * 4, b * 4, stride, count, alpha)
+'''
+
+
+def _unroll(k: int) -> int:
+  """Vectors per strip: as many as the registers hold with the lists."""
+  return UNROLL[min(k, 16)]
 
 
 @functools.cache
 def _driver(k: int, top: bool, dtype: str, parallel: bool):
   name = (f'_mask_{dtype}_k{k}_{"top" if top else "bottom"}_'
           f'{"parallel" if parallel else "serial"}')
-  u = UNROLL if k < 5 else 1   # Lists of 8 or 16 fill the registers.
-  namespace = {'_wide': _strip_pass(k, top, u, dtype),
-               '_narrow': _strip_pass(k, top, 1, dtype),
+  return _compile_driver(name, _DRIVER_SOURCE, 5, k, top, dtype, 'mask',
+                         parallel, size=_DTYPES[dtype][0] // 8)
+
+
+@functools.cache
+def _fused_driver(k: int, top: bool, pack: str, parallel: bool):
+  name = (f'_fused_k{k}_{"top" if top else "bottom"}_{pack}_'
+          f'{"parallel" if parallel else "serial"}')
+  return _compile_driver(name, _FUSED_DRIVER_SOURCE, 9, k, top, 'float32',
+                         pack, parallel, cols=pack == 'cols')
+
+
+def _compile_driver(name, template, nargs, k, top, dtype, out, parallel,
+                    **fields):
+  """The driver `name` from `template`: int64 arguments, its strips the
+  strip passes of (k, top, dtype, out), wide and narrow."""
+  u = _unroll(k)
+  namespace = {'_wide': _strip_pass(k, top, u, dtype, out),
+               '_narrow': _strip_pass(k, top, 1, dtype, out),
+               '_as_f32': numba_ffi.as_f32,
                'numba': numba, '__name__': __name__}
-  source = _DRIVER_SOURCE.format(
+  source = template.format(
       name=name, width=u * LANES, lanes=LANES,
-      size=_DTYPES[dtype][0] // 8,
-      loop='numba.prange' if parallel else 'range')
+      loop='numba.prange' if parallel else 'range', **fields)
   exec(compile(source, __file__, 'exec'), namespace)  # noqa: S102
   i64 = numba.types.int64
-  return numba.njit(numba.void(*[i64] * 5), parallel=parallel, nogil=True,
-                    cache=True)(namespace[name])
+  return numba.njit(numba.void(*[i64] * nargs), parallel=parallel,
+                    nogil=True, cache=True)(namespace[name])
 
 
 _HANDLER_SOURCE = '''
@@ -265,18 +409,54 @@ def {name}(frame_ptr):
   return 0
 '''
 
+_FUSED_HANDLER_SOURCE = '''
+def {name}(frame_ptr):
+  frame = numba.carray(frame_ptr, 15)
+  if _answered_metadata(frame):
+    return 0
+  wd, rank, dims = _buffer(frame, 5, 0)
+  ad, arank, adims = _buffer(frame, 5, 1)
+  ed = _buffer(frame, 10, 0)[0]
+  bd = _buffer(frame, 10, 1)[0]
+  shape = numba.carray(dims, rank)
+  rows = 1
+  for i in range(rank - 1):
+    rows *= shape[i]
+  alphas = 1
+  ashape = numba.carray(adims, arank)
+  for i in range(arank):
+    alphas *= ashape[i]
+  m = shape[rank - 2]
+  _drive(wd, ed, bd, ad, alphas, rows, m, shape[rank - 1],
+         shape[rank - 3] * m)
+  return 0
+'''
+
 
 @functools.cache
 def target(k: int, top: bool, dtype: str, parallel: bool) -> str:
-  """The FFI target name of the variant (compiled and registered once per
+  """The FFI target name of a mask variant (compiled and registered once per
   process; numba caches the machine code on disk)."""
   name = (f'pgf_nm_mask_{dtype}_k{k}_{"top" if top else "bottom"}_'
           f'{"parallel" if parallel else "serial"}')
-  namespace = {'_drive': _driver(k, top, dtype, parallel),
+  return _register(name, _HANDLER_SOURCE, _driver(k, top, dtype, parallel))
+
+
+@functools.cache
+def fused_target(k: int, top: bool, pack: str, parallel: bool) -> str:
+  """The FFI target name of a w_eff-and-bits variant (float32)."""
+  name = (f'pgf_nm_fused_k{k}_{"top" if top else "bottom"}_{pack}_'
+          f'{"parallel" if parallel else "serial"}')
+  return _register(name, _FUSED_HANDLER_SOURCE,
+                   _fused_driver(k, top, pack, parallel))
+
+
+def _register(name, source, drive):
+  namespace = {'_drive': drive,
                '_answered_metadata': numba_ffi.answered_metadata,
                '_buffer': numba_ffi.buffer_dims,
                'numba': numba, '__name__': __name__}
-  exec(compile(_HANDLER_SOURCE.format(name='_' + name), __file__,  # noqa: S102
+  exec(compile(source.format(name='_' + name), __file__,  # noqa: S102
                'exec'), namespace)
   return numba_ffi.register(name, namespace['_' + name])
 
@@ -291,3 +471,33 @@ def mask(g: jax.Array, n: int) -> jax.Array:
       target(k, n == k, jnp.dtype(g.dtype).name, parallel),
       jax.ShapeDtypeStruct(g.shape, jnp.bool_), vmap_method='expand_dims')
   return call(g)
+
+
+def fused_applies(g_shape, m: int, pack: str) -> bool:
+  """Whether `kernel_and_bits` can take a (..., A, M, B) view whose bits are
+  packed along `pack`: 'rows' needs words of 32 rows made of whole groups
+  (M a multiple or a divisor of 32) and 32 | A * M; 'cols' needs 32 | B."""
+  if len(g_shape) < 3 or g_shape[-1] % LANES:
+    return False
+  rows = g_shape[-3] * m
+  if pack == 'cols':
+    return g_shape[-1] % 32 == 0
+  return (m % 32 == 0 or 32 % m == 0) and rows % 32 == 0
+
+
+def kernel_and_bits(g: jax.Array, n: int, alpha: jax.Array, after: jax.Array,
+                    pack: str) -> tuple[jax.Array, jax.Array]:
+  """(w_eff, bits) of a float32 (..., A, M, B) view g, groups along axis -2:
+  w_eff = g * (mask ? 1 : alpha) of g's shape, the mask's bits packed along
+  'rows' ((..., A * M / 32, B)) or 'cols' ((..., A * M, B / 32)). `after`,
+  a scalar, is only waited for: the call runs once it exists."""
+  *lead, a, m, b = g.shape
+  k = min(n, m - n)
+  bits = (a * m // 32, b) if pack == 'rows' else (a * m, b // 32)
+  call = jax.ffi.ffi_call(
+      fused_target(k, n == k, pack, g.size >= PARALLEL_ELEMENTS),
+      (jax.ShapeDtypeStruct(g.shape, jnp.float32),
+       jax.ShapeDtypeStruct(tuple(lead) + bits, jnp.uint32)),
+      vmap_method='broadcast_all')
+  return call(g, jnp.asarray(alpha, jnp.float32),
+              jnp.asarray(after).reshape(()))

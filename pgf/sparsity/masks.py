@@ -150,20 +150,16 @@ def nm_mask(w: jax.Array, nm: NM, axes: int | Sequence[int] = 0, *,
   Returns:
     bool array of `w.shape` with exactly `nm.n` True values per group.
   """
-  impl = _implementation(impl)
+  impl = implementation(impl)
   axes = check_groupable(w.shape, nm, axes, name=name)
   n, m = nm.n, nm.m
   if n == m:
     return jnp.ones(w.shape, bool)
-  a1 = axes[-1]
-  outer = int(np.prod(w.shape[:a1 + 1])) // m
-  inner = int(np.prod(w.shape[a1 + 1:]))
   # (A, M, B): A = groups before the last group axis, B = the axes after it.
   # B > 1 (groups along the contraction axes): every step below is
   # elementwise along B, the contiguous axis. B == 1 (groups along the last
   # axis): the group is the minor axis and A takes its place.
-  shape = (outer, m, inner) if inner > 1 else (outer, m)
-  g = jax.lax.stop_gradient(w).reshape(shape)
+  g = jax.lax.stop_gradient(w).reshape(group_view(w.shape, m, axes))
   if impl != 'xla' and _kernel_applies(g, n, impl):
     from pgf.sparsity import mask_kernel  # numba: imported on first use.
     keep = jax.lax.platform_dependent(
@@ -177,7 +173,7 @@ def nm_mask(w: jax.Array, nm: NM, axes: int | Sequence[int] = 0, *,
 IMPLS = ('auto', 'xla', 'kernel')
 
 
-def _implementation(impl: str | None) -> str:
+def implementation(impl: str | None) -> str:
   source = 'impl'
   if impl is None:
     impl, source = os.environ.get('PGF_MASK_KERNEL', 'auto'), 'PGF_MASK_KERNEL'
@@ -188,22 +184,8 @@ def _implementation(impl: str | None) -> str:
 
 def _kernel_applies(g: jax.Array, n: int, impl: str) -> bool:
   """Whether `nm_mask` takes the CPU kernel for the (A, M, B) view g (on a
-  CPU; `jax.lax.platform_dependent` keeps XLA's ops for other backends).
-  The kernel needs B a multiple of its 16 lanes and K = min(N, M - N) up to
-  _KERNEL_MAX_K."""
-  if g.ndim != 3:
-    return False          # Groups along the minor axis: XLA.
-  try:
-    cpus = len(jax.local_devices(backend='cpu'))
-  except RuntimeError:    # No CPU backend in this process.
-    return False
-  if impl == 'auto' and (jax.process_count() > 1 or cpus > 1):
-    return False          # A mesh may shard the kernel: XLA partitions it.
-  m, inner = g.shape[1], g.shape[2]
-  if g.dtype != jnp.float32 and jnp.dtype(g.dtype) not in _HALF_INF_BITS:
-    return False          # The kernel's keys: float32 and 16-bit floats.
-  k = min(n, m - n)
-  if not (1 <= k <= _KERNEL_MAX_K and inner % 16 == 0):
+  CPU; `jax.lax.platform_dependent` keeps XLA's ops for other backends)."""
+  if not kernel_possible(g.shape, g.dtype, n, impl):
     return False
   if impl == 'kernel':
     return True
@@ -214,9 +196,43 @@ def _kernel_applies(g: jax.Array, n: int, impl: str) -> bool:
   # faster) or, on smaller kernels (768 x 768), from groups of
   # _KERNEL_MIN_WIDE at K >= 2. For M <= 16 XLA's masks were as fast or
   # faster (2:4 and 8:16 by 1.1-1.6x), and at K = 16 they were even.
+  m = g.shape[1]
+  k = min(n, m - n)
   if m < 32 or k > 8:
     return False
-  return g.size >= _KERNEL_MIN_SIZE or (k >= 2 and m >= _KERNEL_MIN_WIDE)
+  size = int(np.prod(g.shape))
+  return size >= _KERNEL_MIN_SIZE or (k >= 2 and m >= _KERNEL_MIN_WIDE)
+
+
+def kernel_possible(shape: Sequence[int], dtype, n: int, impl: str) -> bool:
+  """Whether a CPU kernel of `pgf.sparsity.mask_kernel` can take the
+  (A, M, B) view of this shape under `impl` ('auto' or 'kernel'): groups
+  along a major axis (B > 1, a multiple of its 16 lanes), K = min(N, M - N)
+  from 1 to _KERNEL_MAX_K, float32 or 16-bit float keys, and under 'auto'
+  a process with a single CPU device."""
+  if impl == 'xla' or len(shape) != 3:
+    return False          # Groups along the minor axis: XLA.
+  try:
+    cpus = len(jax.local_devices(backend='cpu'))
+  except RuntimeError:    # No CPU backend in this process.
+    return False
+  if impl == 'auto' and (jax.process_count() > 1 or cpus > 1):
+    return False          # A mesh may shard the kernel: XLA partitions it.
+  if dtype != jnp.float32 and jnp.dtype(dtype) not in _HALF_INF_BITS:
+    return False          # The kernel's keys: float32 and 16-bit floats.
+  m, inner = shape[1], shape[2]
+  k = min(n, m - n)
+  return 1 <= k <= _KERNEL_MAX_K and inner % 16 == 0
+
+
+def group_view(shape: Sequence[int], m: int,
+               axes: tuple[int, ...]) -> tuple[int, ...]:
+  """The (A, M, B) view `nm_mask` takes of a kernel (groups along axis 1),
+  or (A, M) where the groups run along the last axis."""
+  a1 = axes[-1]
+  outer = int(np.prod(shape[:a1 + 1])) // m
+  inner = int(np.prod(shape[a1 + 1:]))
+  return (outer, m, inner) if inner > 1 else (outer, m)
 
 
 def _xla_mask(g: jax.Array, n: int) -> jax.Array:
