@@ -120,6 +120,25 @@ def test_sparse_work_is_both_passes_and_the_recipe_gradients():
   assert steps.sparse_work_fn(dense, dense.schedule.plan(0)) is None
 
 
+def test_sparse_work_writes_over_its_last_results():
+  """Each call donates the previous call's results and gets the same
+  values in their place; a gradient no transform changes (STE) is not an
+  output (it would be the donated gradient itself)."""
+  base = memory.model_config('vit_mu', batch_size=4)
+  s = steps.bench_setup(steps.row_config(base, recipe='ste', nm=(1, 4)))
+  plan = s.schedule.plan(s.schedule.sparse_start)
+  params = step_lib.init_state(s, jax.random.key(0)).params
+  grads = jax.tree.map(np.ones_like, params)
+  fn = steps.sparse_work_fn(s, plan)
+  first = fn(params, grads, s.schedule.sparse_start)
+  assert len(first) == 3 and first[-1] == []
+  want = jax.tree.map(np.array, first)   # copies: a view would pin them
+  second = fn(params, grads, s.schedule.sparse_start, first)
+  assert all(x.is_deleted() for x in jax.tree.leaves(first))
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(second)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
 def test_a_run_killed_after_its_rounds_keeps_them(tmp_path, monkeypatch):
   # The work timing comes after every round; a run that dies there (a
   # kill, a restart) must leave its timed rounds on disk, marked partial.

@@ -30,7 +30,9 @@ share the machine's state:
 
 Implementations: `pgf` (pgf.sparsity.nm_mask as it runs here: on one CPU
 device it takes the CPU mask kernel where that was measured faster), `xla`
-(nm_mask from XLA ops alone, `impl='xla'`, as on GPU and TPU), `main` (the
+(nm_mask from XLA ops alone, `impl='xla'`, as on GPU and TPU), `kernel`
+(the CPU kernel wherever it can run, `impl='kernel'`: the data for the
+choice 'auto' makes; not in the default list), `main` (the
 implementation it replaced, kept here as a private copy) and `jaxpruner`
 (jaxpruner's N:M formulation, a double argsort of -|w| along the group axis;
 its time does not depend on N, so it is timed once per M). Compile time is
@@ -176,7 +178,14 @@ def _xla_nm_mask(w, nm, axes=0):
   return masks_lib.nm_mask(w, nm, axes, impl='xla')
 
 
-IMPLS = {'pgf': masks_lib.nm_mask, 'xla': _xla_nm_mask, 'main': _main_nm_mask,
+def _kernel_nm_mask(w, nm, axes=0):
+  """pgf's mask on the CPU kernel wherever it can run (`impl='kernel'`;
+  XLA ops where it cannot), whether or not 'auto' would take it."""
+  return masks_lib.nm_mask(w, nm, axes, impl='kernel')
+
+
+IMPLS = {'pgf': masks_lib.nm_mask, 'xla': _xla_nm_mask,
+         'kernel': _kernel_nm_mask, 'main': _main_nm_mask,
          'jaxpruner': _jaxpruner_nm_mask}
 
 

@@ -473,17 +473,28 @@ def run_schedule(bench: Bench, name: str) -> dict:
 
 
 def sparse_work_fn(s: step_lib.Setup, plan) -> Callable | None:
-  """The work a sparse step adds to the dense one, alone: a jitted function
-  (params, grads, step) -> arrays, or None if `plan` has no sparse kernel.
+  """The work a sparse step adds to the dense one, alone: a function
+  (params, grads, step, out=None) -> arrays, or None if `plan` has no sparse
+  kernel.
 
   It computes what the step computes beyond the dense model: every sparse
   kernel's mask and effective kernel as the forward pass does (with
   sparsity.recompute, the default, also the mask's bits), the effective
   kernel again from the bits as the backward pass does (tied to the first
   pass's output as `core.sparse_product` ties it to the incoming gradient,
-  so XLA computes it after), and the recipe's
-  gradient transforms (SR-STE's refill, MdGf's scaled flow). Every result
-  is materialised, as the step's products need their kernel operands.
+  so XLA computes it after), and the recipe's gradient transforms (SR-STE's
+  refill, MdGf's scaled flow; a gradient a transform leaves as it is is not
+  an output). Every result is materialised, as the step's products need
+  their kernel operands.
+
+  The results are written over `out`, the previous call's results, which
+  are donated: in the step they are temporaries that reuse memory the step
+  has already touched, while fresh output arrays of every sparse kernel
+  (453 MiB of effective kernels at T5-Base) would page-fault on every call
+  (36,000 minor faults a call on T5-Base's 72 FF kernels, 2026-12-07) and
+  time the allocator instead of the work. `out=None` (a first call) makes
+  them.
+
   Timing it measures the sparse step's overhead without the noise of
   timing two whole steps; what it leaves out are effects on the rest of
   the step's program (fusion, scheduling), which only the step rows show.
@@ -496,7 +507,8 @@ def sparse_work_fn(s: step_lib.Setup, plan) -> Callable | None:
   recompute = s.config.sparsity.recompute
   tx = sp.gradient_transform()
 
-  def work(params, grads, step):
+  def work(params, grads, step, out):
+    del out   # Donated: the results reuse its buffers.
     values = s.schedule.values(step)
     flat = trees.flatten(params)
     alphas = {p: jnp.asarray(values[matched[p][0].group]['alpha'],
@@ -520,18 +532,29 @@ def sparse_work_fn(s: step_lib.Setup, plan) -> Callable | None:
                   for p, b in zip(paths, bits)])
     updates, _ = tx.update(grads, tx.init(params), params, step=step,
                            plan=plan)
+    given = trees.flatten(grads)
     flat = trees.flatten(updates)
-    out.append([flat[p] for p in paths])
+    out.append([flat[p] for p in paths if flat[p] is not given[p]])
     return out
 
-  return jax.jit(work)
+  # keep_unused: an argument jit prunes would donate nothing.
+  jitted = jax.jit(work, donate_argnums=3, keep_unused=True)
+
+  def call(params, grads, step, out=None):
+    if out is None:
+      shapes = jax.eval_shape(work, params, grads, step, None)
+      out = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    return jitted(params, grads, step, out)
+
+  return call
 
 
 def time_work(rows: list[Row], params, *, repeats: int = 7,
               min_sample_ms: float = 20.0) -> None:
   """Times `sparse_work_fn` of every sparse pgf row (after its steps were
   timed, so it never disturbs them): `repeats` samples, each at least
-  `min_sample_ms` of back-to-back calls. Sets row.work_ms (ms per call)."""
+  `min_sample_ms` of back-to-back calls, each call writing over the
+  previous one's results. Sets row.work_ms (ms per call)."""
   grads = jax.tree.map(jnp.ones_like, params)
   for r in rows:
     if r.setup is None or r.plan is None:
@@ -541,18 +564,19 @@ def time_work(rows: list[Row], params, *, repeats: int = 7,
       continue
     step = jnp.asarray(r.setup.schedule.sparse_start, jnp.int32)
     with _mesh(r.setup):
-      jax.block_until_ready(fn(params, grads, step))
+      out = jax.block_until_ready(fn(params, grads, step))
       t = time.perf_counter()
-      jax.block_until_ready(fn(params, grads, step))
+      out = jax.block_until_ready(fn(params, grads, step, out))
       calls = max(1, int(min_sample_ms / 1e3 / max(
           time.perf_counter() - t, 1e-6)))
       samples = []
       for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(calls):
-          out = fn(params, grads, step)
+          out = fn(params, grads, step, out)
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t) / calls)
+    del out
     r.work_ms = [1e3 * x for x in samples]
     print(f'sparse work {r.label}: {min(r.work_ms):.2f} ms', flush=True)
 
