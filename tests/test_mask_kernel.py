@@ -330,3 +330,32 @@ def test_auto_takes_the_fused_kernel_where_it_applies(monkeypatch):
 
 def _fused_calls(fn, *args):
   return jax.jit(fn).lower(*args).as_text().count('pgf_nm_fused')
+
+
+@pytest.mark.parametrize('n,m', [(1, 4), (2, 4), (6, 8), (1, 16), (8, 16),
+                                 (1, 32), (4, 32), (31, 32), (8, 64),
+                                 (8, 128)], ids=lambda v: str(v))
+def test_srste_kernel_equals_xla_route(n, m, monkeypatch):
+  """SR-STE's gradient g + lambda (1 - m) w from one CPU kernel equals XLA's
+  route to the bit on hard groups of w and gradients with -0, NaN and inf
+  (g + 0 makes -0 into +0 where the mask keeps a weight), under both
+  kernel layouts of the tests above."""
+  from pgf.sparsity import core
+  nm = NM(n, m)
+  for i, layout in enumerate(('dense_rows', 'out_cols')):
+    axes, shape_fn = FUSED_LAYOUTS[layout]
+    shape = shape_fn(m)
+    rng = np.random.default_rng(9000 * m + 10 * n + i)
+    groups = _hard_groups(rng, int(np.prod(shape)) // m, m)
+    w = jnp.asarray(_ungroup(groups, shape, axes).astype(np.float32))
+    g = rng.normal(size=shape).astype(np.float32)
+    g.reshape(-1)[::3] = -0.0
+    g.reshape(-1)[7:12] = [np.nan, np.inf, -np.inf, 0.0, -0.0]
+    got = {}
+    for impl in ('kernel', 'xla'):
+      monkeypatch.setenv('PGF_MASK_KERNEL', impl)
+      fn = lambda g, w, axes=axes: core.srste_gradient(g, w, nm, axes, 2e-4)
+      calls = jax.jit(fn).lower(g, w).as_text().count('pgf_nm_refill')
+      assert calls == (impl == 'kernel'), (impl, layout)
+      got[impl] = np.asarray(jax.jit(fn)(g, w))
+    assert _same_bits(got['kernel'], got['xla']), (n, m, layout)

@@ -312,26 +312,21 @@ def kernel_and_bits(w: jax.Array, nm: NM, axes: Sequence[int],
   return jax.lax.platform_dependent(w, alpha, after, cpu=cpu, default=xla)
 
 
-# K = min(N, M - N) up to which 'auto' takes the fused CPU kernel: there it
-# took 0.55-0.85x the time of XLA's route on T5-Base's FF kernels (w_eff and
-# bits, float32, 2-core Xeon, 2026-12-07); at K = 16 (16:32) 0.9-1.15x.
+# K = min(N, M - N) up to which 'auto' takes the fused CPU kernels: there
+# w_eff and bits took 0.55-0.85x the time of XLA's route on T5-Base's FF
+# kernels (float32, 2-core Xeon, 2026-12-07); at K = 16 (16:32) 0.9-1.15x.
 _FUSED_MAX_K = 8
 
 
 def _fused_pack(w: jax.Array, nm: NM, axes: tuple[int, ...]) -> str | None:
   """How the fused CPU kernel packs w's bits ('rows': along the kernel's
   first axis, when that is the only group axis; 'cols': along its last
-  axis, outside the group axes), or None where XLA's route runs: 'xla'
-  (argument or PGF_MASK_KERNEL), no single CPU device, dtypes other than
-  float32, groups along the minor axis, N = M, and shapes the kernel does
-  not take (`mask_kernel.fused_applies`)."""
-  impl = masks_lib.implementation(None)
+  axis, outside the group axes), or None where XLA's route runs: where
+  `_fused_applies` says no, and for shapes whose bits the kernel cannot
+  lay out (`mask_kernel.fused_applies`)."""
+  if not _fused_applies(w, nm, axes):
+    return None
   shape = group_view(w.shape, nm.m, axes)
-  if (nm.n == nm.m or w.dtype != jnp.float32
-      or not masks_lib.kernel_possible(shape, w.dtype, nm.n, impl)):
-    return None
-  if impl == 'auto' and min(nm.n, nm.m - nm.n) > _FUSED_MAX_K:
-    return None
   axis = _pack_axis(w.shape)
   if axis == 0 and axes == (0,):
     pack = 'rows'
@@ -341,6 +336,54 @@ def _fused_pack(w: jax.Array, nm: NM, axes: tuple[int, ...]) -> str | None:
     return None
   from pgf.sparsity import mask_kernel  # numba: imported on first use.
   return pack if mask_kernel.fused_applies(shape, nm.m, pack) else None
+
+
+def srste_gradient(g: jax.Array, w: jax.Array, nm: NM, axes: Sequence[int],
+                   lam: jax.Array | float, *, name: str = 'kernel'
+                   ) -> jax.Array:
+  """SR-STE's gradient of a kernel: g + lam * (1 - m) * w, m = w's N:M mask
+  (Zhou et al. 2021; `transforms.srste_refill` applies it).
+
+  On a process with one CPU device, float32 kernels with groups along a
+  major axis and K = min(N, M - N) up to _FUSED_MAX_K take one CPU kernel
+  (`mask_kernel.refill`): it reads each group of w once and g once and
+  writes the result, where XLA's route writes a bool mask and reads it back
+  beside g and w. Both give the same array bit for bit.
+  """
+  lam = jnp.asarray(lam, g.dtype)
+  axes = check_groupable(w.shape, nm, axes, name=name)
+  fused = (g.dtype == jnp.float32 and _fused_applies(w, nm, axes)
+           and g.shape == w.shape)
+
+  def xla(g, w, lam):
+    mask = nm_mask(w, nm, axes, name=name, impl='xla' if fused else None)
+    return g + jnp.where(mask, jnp.zeros((), g.dtype),
+                         lam * w.astype(g.dtype))
+
+  if not fused:
+    return xla(g, w, lam)
+
+  from pgf.sparsity import mask_kernel  # numba: imported on first use.
+
+  def cpu(g, w, lam):
+    view = group_view(w.shape, nm.m, axes)
+    return mask_kernel.refill(g.reshape(view), w.reshape(view), nm.n,
+                              lam).reshape(w.shape)
+
+  return jax.lax.platform_dependent(g, w, lam, cpu=cpu, default=xla)
+
+
+def _fused_applies(w: jax.Array, nm: NM, axes: tuple[int, ...]) -> bool:
+  """Whether the CPU kernels of `kernel_and_bits` and `srste_gradient` can
+  and, under 'auto', should take w: one CPU device (unless 'kernel'),
+  float32, groups along a major axis, 1 <= K <= _FUSED_MAX_K under 'auto'
+  (up to the kernel's 16 under 'kernel'); never under 'xla'."""
+  impl = masks_lib.implementation(None)
+  shape = group_view(w.shape, nm.m, axes)
+  if (nm.n == nm.m or w.dtype != jnp.float32
+      or not masks_lib.kernel_possible(shape, w.dtype, nm.n, impl)):
+    return False
+  return impl == 'kernel' or min(nm.n, nm.m - nm.n) <= _FUSED_MAX_K
 
 
 def _bits_shape(shape: Sequence[int]) -> tuple[int, ...]:

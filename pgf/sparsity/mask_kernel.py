@@ -12,6 +12,8 @@ grouped along `in`, the default: A = in / M, B = out).
   as bits (`core.pack_mask`'s layout), which `core.kernel_and_bits` takes
   for float32 kernels (`core._fused_pack`). XLA's route writes a bool mask,
   reads it back to pack it, and reads the kernel again for w_eff.
+* `refill`: SR-STE's gradient g + lambda (1 - mask) w in one pass over w
+  and g (`core.srste_gradient`, which `transforms.srste_refill` applies).
 
 Same results bit for bit; see `nm_mask` for the rule.
 
@@ -80,7 +82,7 @@ _DTYPES = {
 # bits packed along rows ('rows': 32 rows of a column to a word) or along
 # columns ('cols': 32 columns of a row to a word), as `core.pack_mask` lays
 # them out.
-OUTPUTS = ('mask', 'rows', 'cols')
+OUTPUTS = ('mask', 'rows', 'cols', 'refill')
 
 
 def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
@@ -94,7 +96,9 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
   ba + (r // 32) * bs, bit r % 32 (the block of count groups starts a word);
   'cols', row r's 16-bit halves at ba + r * bs + 2 v (v: the strip's
   vector; the strip starts at a multiple of 16 columns, ba points to its
-  first half)."""
+  first half).
+  out 'refill' (float32): SR-STE's gradient g + (mask ? 0 : alpha w) at oa
+  (row stride os), g at ba (row stride bs), alpha = lambda."""
   bits, magnitude, cap = _DTYPES[dtype]
   fused = out != 'mask'
   assert out in OUTPUTS and (not fused or dtype == 'float32')
@@ -170,6 +174,15 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
           for v in range(u):
             builder.store(builder.zext(flags[v], bvec),
                           ptr(obase, os_, r, v * LANES, bvec), align=1)
+          return
+        if out == 'refill':   # g + (mask ? 0 : lambda w), as srste_refill.
+          zero = ir.Constant(fvec, [0.0] * LANES)
+          for v in range(u):
+            g = builder.load(ptr(ba, bs, block_row, v * LANES * 4, fvec),
+                             align=4)
+            x = builder.fmul(scale, builder.bitcast(xs[v], fvec))
+            builder.store(builder.fadd(g, builder.select(flags[v], zero, x)),
+                          ptr(obase, os_, r, v * LANES * 4, fvec), align=4)
           return
         for v in range(u):
           x = builder.bitcast(xs[v], fvec)
@@ -325,12 +338,14 @@ def {name}(wa, ma, groups, m, b):
       _narrow(wa + off * {size}, ma + off, 0, m, b * {size}, b, 0, 1, 0.0)
 '''
 
-_FUSED_DRIVER_SOURCE = '''
-def {name}(wa, ea, ba, aa, na, rows, m, b, rows_per_kernel):
-  """w_eff and bits of a (rows / m, m, b) float32 kernel at wa into ea and
-  ba; alpha at aa: na values, one per kernel of rows_per_kernel rows."""
+_SCALAR_DRIVER_SOURCE = '''
+def {name}(wa, oa, ba, aa, na, rows, m, b, rows_per_kernel):
+  """A (rows / m, m, b) float32 kernel at wa: w_eff into oa and bits into ba
+  ('rows', 'cols'), or SR-STE's gradient into oa from the gradient at ba
+  ('refill'); alpha (lambda) at aa: na values, one per kernel of
+  rows_per_kernel rows."""
   alphas = numba.carray(_as_f32(aa), na)
-  block = m if {cols} or m >= 32 else 32      # rows per call
+  block = 32 if '{out}' == 'rows' and m < 32 else m   # rows per call
   count = block // m
   wide = b // {width}
   per = wide + (b - wide * {width}) // {lanes}
@@ -342,16 +357,19 @@ def {name}(wa, ea, ba, aa, na, rows, m, b, rows_per_kernel):
     row = blk * block
     alpha = alphas[(row // rows_per_kernel) % na]
     off = (row * b + col) * 4
-    if {cols}:
+    if '{out}' == 'cols':
       bits = ba + (row * words + col // 32) * 4 + (col % 32) // 16 * 2
       stride = words * 4
-    else:
+    elif '{out}' == 'rows':
       bits = ba + ((row // 32) * b + col) * 4
       stride = b * 4
-    if s < wide:
-      _wide(wa + off, ea + off, bits, m, b * 4, b * 4, stride, count, alpha)
     else:
-      _narrow(wa + off, ea + off, bits, m, b * 4, b * 4, stride, count, alpha)
+      bits = ba + off
+      stride = b * 4
+    if s < wide:
+      _wide(wa + off, oa + off, bits, m, b * 4, b * 4, stride, count, alpha)
+    else:
+      _narrow(wa + off, oa + off, bits, m, b * 4, b * 4, stride, count, alpha)
 '''
 
 
@@ -369,11 +387,11 @@ def _driver(k: int, top: bool, dtype: str, parallel: bool):
 
 
 @functools.cache
-def _fused_driver(k: int, top: bool, pack: str, parallel: bool):
-  name = (f'_fused_k{k}_{"top" if top else "bottom"}_{pack}_'
+def _scalar_driver(k: int, top: bool, out: str, parallel: bool):
+  name = (f'_{out}_k{k}_{"top" if top else "bottom"}_'
           f'{"parallel" if parallel else "serial"}')
-  return _compile_driver(name, _FUSED_DRIVER_SOURCE, 9, k, top, 'float32',
-                         pack, parallel, cols=pack == 'cols')
+  return _compile_driver(name, _SCALAR_DRIVER_SOURCE, 9, k, top, 'float32',
+                         out, parallel)
 
 
 def _compile_driver(name, template, nargs, k, top, dtype, out, parallel,
@@ -386,7 +404,7 @@ def _compile_driver(name, template, nargs, k, top, dtype, out, parallel,
                '_as_f32': numba_ffi.as_f32,
                'numba': numba, '__name__': __name__}
   source = template.format(
-      name=name, width=u * LANES, lanes=LANES,
+      name=name, width=u * LANES, lanes=LANES, out=out,
       loop='numba.prange' if parallel else 'range', **fields)
   exec(compile(source, __file__, 'exec'), namespace)  # noqa: S102
   i64 = numba.types.int64
@@ -409,25 +427,28 @@ def {name}(frame_ptr):
   return 0
 '''
 
-_FUSED_HANDLER_SOURCE = '''
+# The handler of the kernels with a scalar per kernel (alpha, lambda): the
+# weights (argument 0), the scalars (argument `scalars`, one or one per
+# leading index), the result (ret 0: w_eff, or SR-STE's gradient) and one
+# more buffer (ret 1, the bits; or argument 1, the gradient, for 'refill').
+_SCALAR_HANDLER_SOURCE = '''
 def {name}(frame_ptr):
   frame = numba.carray(frame_ptr, 15)
   if _answered_metadata(frame):
     return 0
   wd, rank, dims = _buffer(frame, 5, 0)
-  ad, arank, adims = _buffer(frame, 5, 1)
-  ed = _buffer(frame, 10, 0)[0]
-  bd = _buffer(frame, 10, 1)[0]
+  sd, srank, sdims = _buffer(frame, 5, {scalars})
+  first = _buffer(frame, 10, 0)[0]
+  second = _buffer(frame, {second}, 1)[0]
   shape = numba.carray(dims, rank)
   rows = 1
   for i in range(rank - 1):
     rows *= shape[i]
-  alphas = 1
-  ashape = numba.carray(adims, arank)
-  for i in range(arank):
-    alphas *= ashape[i]
+  count = 1
+  for i in range(srank):
+    count *= numba.carray(sdims, srank)[i]
   m = shape[rank - 2]
-  _drive(wd, ed, bd, ad, alphas, rows, m, shape[rank - 1],
+  _drive(wd, first, second, sd, count, rows, m, shape[rank - 1],
          shape[rank - 3] * m)
   return 0
 '''
@@ -447,16 +468,27 @@ def fused_target(k: int, top: bool, pack: str, parallel: bool) -> str:
   """The FFI target name of a w_eff-and-bits variant (float32)."""
   name = (f'pgf_nm_fused_k{k}_{"top" if top else "bottom"}_{pack}_'
           f'{"parallel" if parallel else "serial"}')
-  return _register(name, _FUSED_HANDLER_SOURCE,
-                   _fused_driver(k, top, pack, parallel))
+  return _register(name, _SCALAR_HANDLER_SOURCE,
+                   _scalar_driver(k, top, pack, parallel), scalars=1,
+                   second=10)
 
 
-def _register(name, source, drive):
+@functools.cache
+def refill_target(k: int, top: bool, parallel: bool) -> str:
+  """The FFI target name of an SR-STE refill variant (float32)."""
+  name = (f'pgf_nm_refill_k{k}_{"top" if top else "bottom"}_'
+          f'{"parallel" if parallel else "serial"}')
+  return _register(name, _SCALAR_HANDLER_SOURCE,
+                   _scalar_driver(k, top, 'refill', parallel), scalars=2,
+                   second=5)
+
+
+def _register(name, source, drive, **fields):
   namespace = {'_drive': drive,
                '_answered_metadata': numba_ffi.answered_metadata,
                '_buffer': numba_ffi.buffer_dims,
                'numba': numba, '__name__': __name__}
-  exec(compile(source.format(name='_' + name), __file__,  # noqa: S102
+  exec(compile(source.format(name='_' + name, **fields), __file__,  # noqa: S102
                'exec'), namespace)
   return numba_ffi.register(name, namespace['_' + name])
 
@@ -501,3 +533,15 @@ def kernel_and_bits(g: jax.Array, n: int, alpha: jax.Array, after: jax.Array,
       vmap_method='broadcast_all')
   return call(g, jnp.asarray(alpha, jnp.float32),
               jnp.asarray(after).reshape(()))
+
+
+def refill(g: jax.Array, w: jax.Array, n: int, lam: jax.Array) -> jax.Array:
+  """SR-STE's gradient g + lam * (1 - mask) * w of float32 (..., A, M, B)
+  views (groups along axis -2) in one pass: `srste_refill` without the bool
+  mask between its two passes."""
+  m = w.shape[-2]
+  k = min(n, m - n)
+  call = jax.ffi.ffi_call(
+      refill_target(k, n == k, w.size >= PARALLEL_ELEMENTS),
+      jax.ShapeDtypeStruct(w.shape, jnp.float32), vmap_method='broadcast_all')
+  return call(w, g, jnp.asarray(lam, jnp.float32))

@@ -27,13 +27,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pgf.sparsity import core
 from pgf.sparsity import trees
+from pgf.sparsity.masks import nm_mask
 
 
 def _transform(sparsifier, uses: Callable, fn: Callable, name: str
                ) -> optax.GradientTransformationExtraArgs:
-  """A stateless transform applying fn(g, w, mask, group values) at every
-  sparse kernel whose group `uses(group_spec)`."""
+  """A stateless transform applying fn(g, w, rule, axes, path, group
+  values) at every sparse kernel whose group `uses(group_spec)`."""
   groups = {g.name for g in sparsifier.schedule.sparse_groups if uses(g)}
 
   def update_fn(updates, state, params=None, *, step=None, plan=None, **_):
@@ -46,10 +48,9 @@ def _transform(sparsifier, uses: Callable, fn: Callable, name: str
     def with_plan(p, updates, params):
       flat_u = trees.flatten(updates)
       flat_w = trees.flatten(params)
-      masks = sparsifier.masks(params, p)
-      for path, (rule, _) in sparsifier.matched(p).items():
+      for path, (rule, axes) in sparsifier.matched(p).items():
         if rule.group in groups:
-          flat_u[path] = fn(flat_u[path], flat_w[path], masks[path],
+          flat_u[path] = fn(flat_u[path], flat_w[path], rule, axes, path,
                             values[rule.group])
       return trees.unflatten(flat_u)
 
@@ -70,8 +71,8 @@ def decaying_mask_flow(sparsifier) -> optax.GradientTransformationExtraArgs:
   autodiff of w * (m + (1 - m) alpha) gives). Groups with the default
   'straight_through' (the authors' released code) are left alone."""
 
-  def fn(g, w, mask, vals):
-    del w
+  def fn(g, w, rule, axes, path, vals):
+    mask = nm_mask(w, rule.nm, axes, name=path)
     return jnp.where(mask, g, g * vals['grad_scale'].astype(g.dtype))
 
   return _transform(sparsifier, lambda g: g.scales_gradient, fn,
@@ -82,9 +83,9 @@ def srste_refill(sparsifier) -> optax.GradientTransformationExtraArgs:
   """SR-STE: adds lambda * (1 - m) * w to the raw gradient (Zhou et al.
   2021), lambda from the schedule (0 outside the sparse phase)."""
 
-  def fn(g, w, mask, vals):
-    lam = vals['srste_lambda'].astype(g.dtype)
-    return g + jnp.where(mask, jnp.zeros((), g.dtype), lam * w.astype(g.dtype))
+  def fn(g, w, rule, axes, path, vals):
+    return core.srste_gradient(g, w, rule.nm, axes, vals['srste_lambda'],
+                               name=path)
 
   return _transform(sparsifier, lambda g: g.recipe_def.refill, fn,
                     'srste_refill')
