@@ -65,8 +65,11 @@ LANES = 16        # Columns per vector (32-bit lanes of a 512-bit vector).
 UNROLL = {1: 8, 2: 8, 3: 4, 4: 4, **{k: 2 for k in range(5, 9)},
           **{k: 1 for k in range(9, 17)}}
 # Weights from which strips run on all cores (below, waking the pool cost
-# more than it saved).
-PARALLEL_ELEMENTS = 1 << 17
+# more than it saved): w_eff and bits of a 192x768 kernel took 63-81 us
+# serial and 102-110 us on both cores, of 384x768 173-248 and 167-231 us,
+# of 384x1536 293-508 and 261-397 us (min over 9 interleaved samples, 1:8
+# and 4:32, 2-core Xeon, 2026-12-07).
+PARALLEL_ELEMENTS = 1 << 18
 
 # dtype -> (bits per weight, magnitude bits, cap): the keys of `nm_mask`
 # (the cap: the largest finite value's bits for float32, the infinity's for
