@@ -230,7 +230,7 @@ def _both_routes(w, nm, axes, alpha, monkeypatch):
 
 def _same_bits(a, b):
   return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(
-      a.view(np.uint8), b.view(np.uint8))
+      a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
 
 
 @pytest.mark.parametrize('n,m', [p for p in PATTERNS if p != (3, 48)],
@@ -359,3 +359,28 @@ def test_srste_kernel_equals_xla_route(n, m, monkeypatch):
       assert calls == (impl == 'kernel'), (impl, layout)
       got[impl] = np.asarray(jax.jit(fn)(g, w))
     assert _same_bits(got['kernel'], got['xla']), (n, m, layout)
+
+
+def test_effective_kernel_takes_the_fused_kernel(monkeypatch):
+  """effective_kernel (recompute off, the Sparsifier) gets w_eff from the
+  fused kernel: the same value and straight-through gradients as XLA's
+  route, and no mask is computed when the caller drops it."""
+  from pgf.sparsity import core
+  rng = np.random.default_rng(12)
+  w = jnp.asarray(rng.normal(size=(256, 96)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(8, 256)), jnp.float32)
+
+  def loss(x, w, alpha):
+    w_eff, _ = core.effective_kernel(w, NM(2, 16), (0,), alpha=alpha)
+    return jnp.sum(jnp.sin(x @ w_eff))
+
+  out = {}
+  for impl in ('kernel', 'xla'):
+    monkeypatch.setenv('PGF_MASK_KERNEL', impl)
+    fn = jax.value_and_grad(loss, argnums=(0, 1))
+    text = jax.jit(fn).lower(x, w, 0.3).compile().as_text()
+    assert text.count('pgf_nm_fused') == (impl == 'kernel'), impl
+    assert text.count('pgf_nm_mask') == 0, impl
+    out[impl] = jax.jit(fn)(x, w, 0.3)
+  for a, b in zip(jax.tree.leaves(out['kernel']), jax.tree.leaves(out['xla'])):
+    assert _same_bits(np.asarray(a), np.asarray(b))

@@ -121,11 +121,31 @@ def effective_kernel(w: jax.Array, nm: NM, axes: Sequence[int], *,
   Returns:
     w_eff of w's shape and dtype (straight-through gradient to w) and the
     boolean N:M mask.
+
+  Where `kernel_and_bits` takes its CPU kernel, w_eff comes from it (one
+  pass; its bits are dropped) and the mask is computed only if the caller
+  uses it (XLA drops unused results). Either way w_eff is the same.
   """
   alpha = jnp.zeros((), w.dtype) if alpha is None else jnp.asarray(
       alpha, w.dtype)
   mask = nm_mask(w, nm, axes, name=name)
+  if _fused_pack(w, nm, check_groupable(w.shape, nm, axes, name=name)):
+    w_eff, _ = kernel_and_bits(jax.lax.stop_gradient(w), nm, axes,
+                               jax.lax.stop_gradient(alpha), name=name)
+    return _straight_through(w, w_eff), mask
   return straight_through_scale(w, _scale(mask, alpha, w.dtype)), mask
+
+
+@jax.custom_jvp
+def _straight_through(w: jax.Array, w_eff: jax.Array) -> jax.Array:
+  """w_eff, with the tangent (and so the gradient) of w."""
+  del w
+  return w_eff
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+  return primals[1], tangents[0]
 
 
 def _scale(mask: jax.Array, alpha: jax.Array, dtype) -> jax.Array:
