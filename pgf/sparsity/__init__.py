@@ -3,14 +3,16 @@ layers, the model-agnostic Sparsifier and optax transforms.
 
 Where things are:
   masks.py       nm_mask(w, nm, axes): where the N:M mask is computed.
-  mask_kernel.py the CPU mask kernel nm_mask takes on one CPU device where
-                 it was measured faster (numba, an XLA FFI custom call).
+  mask_kernel.py the CPU kernels of one CPU device (numba, XLA FFI custom
+                 calls): nm_mask's where it was measured faster, and the
+                 one-pass w_eff + bits and SR-STE refill of core.py.
   recipes.py     every recipe, defined once: alpha(t), gradient rule, frames.
   schedules.py   SparsitySchedule: where the step turns into alpha, pattern
                  and phase (all pure functions of the step).
   core.py        where the mask meets alpha (straight-through gradient):
-                 sparse_product (pgf's layers; recomputes mask and effective
-                 kernel in the backward pass) and effective_kernel.
+                 sparse_product (pgf's layers; rebuilds the effective kernel
+                 from the mask's bits in the backward pass), effective_kernel
+                 and srste_gradient (SR-STE's refill).
   layers.py      SparseDense / SparseDenseGeneral / SparseConv (pgf's models).
   sparsifier.py  Sparsifier: the recipes on any model's parameter tree; the
                  checks, statistics and hard masks pgf's loop uses too.

@@ -23,6 +23,14 @@ of that gradient (SR-STE's refill, MdGf 'scaled') are optax transforms
   model runs. The model's own matmuls then keep w_eff for their backward
   pass, one float32 copy of each sparse kernel, as `sparsity.recompute=False`
   does in pgf's layers.
+* `srste_gradient(g, w, ...)`: SR-STE's refill of one kernel's gradient,
+  g + lambda (1 - m) w, which `transforms.srste_refill` applies.
+
+On one CPU device the mask work of all three runs in CPU kernels
+(`pgf.sparsity.mask_kernel`) that read each kernel once, where XLA's ops
+need a bool mask written and read back; `_fused_applies` says where, and
+PGF_MASK_KERNEL switches them with the mask kernel. Their results are the
+same bit for bit.
 """
 
 from __future__ import annotations
