@@ -55,6 +55,7 @@ import jax
 from pgf import flops as flops_lib
 from pgf.bench import inference as bench_inference
 from pgf.bench import steps as bench_steps
+from pgf.bench import timing
 from pgf.bench.steps import RowSpec
 from pgf.configs import t5_base
 from pgf.configs import vit_base
@@ -117,7 +118,7 @@ def device_facts() -> dict:
   key = _kind_key(kind) if d.platform == 'gpu' else None
   return dict(device_kind=kind, platform=d.platform,
               device_count=jax.device_count(), jax=jax.__version__,
-              host=f'{bench_steps.cpu_name()}, {os.cpu_count()} cores',
+              host=f'{timing.cpu_name()}, {os.cpu_count()} cores',
               peak_bf16_flops=PEAK_BF16.get(key),
               peak_source=(f'{key} datasheet, dense bf16' if key else
                            'none (no MFU)'),

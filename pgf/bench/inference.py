@@ -28,7 +28,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import re
 import time
 
@@ -266,17 +265,6 @@ How to read it:
 '''
 
 
-def _cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as fh:
-      for line in fh:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -299,8 +287,8 @@ def main(argv):
   meta = dict(
       command=command, date=datetime.date.today().isoformat(),
       backend=f.backend,
-      machine=(f'{_cpu_name()}, {os.cpu_count()} cores, shared with other '
-               'agents'),
+      machine=(f'{timing.cpu_name()}, {os.cpu_count()} cores, shared with '
+               'other agents'),
       load=(f'1-min load average {load_before[0]:.2f} before, '
             f'{load_after[0]:.2f} after'),
       jax=jax.__version__, kernel=kernel, dtype=jnp.dtype(dtype).name)

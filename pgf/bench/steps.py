@@ -64,7 +64,6 @@ import functools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -84,6 +83,7 @@ from pgf import sharding
 from pgf import step as step_lib
 from pgf import tasks
 from pgf.bench import stock
+from pgf.bench import timing
 import pgf.configs as pgf_configs
 from pgf.sparsity import core
 from pgf.sparsity import trees
@@ -662,22 +662,11 @@ def compile_counts(bench: 'Bench') -> dict[str, int]:
 # ---- report -----------------------------------------------------------------
 
 
-def cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as fh:
-      for line in fh:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def device_name() -> str:
   d = jax.devices()[0]
   kind = getattr(d, 'device_kind', d.platform)
   return (f'{jax.device_count()} x {kind} ({d.platform}); host '
-          f'{cpu_name()}, {os.cpu_count()} cores')
+          f'{timing.cpu_name()}, {os.cpu_count()} cores')
 
 
 def load_text() -> str:

@@ -1,8 +1,10 @@
-"""One timed sample of a jitted call, shared by the benchmarks."""
+"""What the benchmarks share: one timed sample of a jitted call, the
+host CPU's name."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import platform
 import time
 
 import jax
@@ -21,3 +23,15 @@ def sample(fn: Callable[[], object], calls: int, *, untimed: int) -> float:
     out = fn()
   jax.block_until_ready(out)
   return (time.perf_counter() - start) / calls
+
+
+def cpu_name() -> str:
+  """The host CPU's model name (/proc/cpuinfo), else what `platform` says."""
+  try:
+    with open('/proc/cpuinfo') as fh:
+      for line in fh:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
