@@ -210,6 +210,45 @@ def test_two_pass_bound_reads_each_group_then_writes_the_mask():
       mask, np.broadcast_to(np.arange(64)[:, None] % 16 == 0, w.shape))
 
 
+def test_mask_markdown_counts_rows_against_the_goal(tmp_path):
+  def impl(min_ms, x, paired):
+    return {'min_ms': min_ms, 'median_ms': min_ms, 'x_floor': x,
+            'x_floor_paired': paired}
+
+  def row(pattern, pgf, kernel, xla):
+    return {'pattern': pattern, 'pgf': impl(*pgf), 'kernel': impl(*kernel),
+            'xla': impl(*xla), 'agree': True}
+
+  out = {
+      'command': 'python -m pgf.bench.masks', 'date_utc': '2026-12-07',
+      'device': 'cpu', 'jax': '0', 'numba': '0', 'note': 'Idle.',
+      'machine': {'processor': 'x', 'cpu': 'A CPU', 'cpus': 2,
+                  'load_average_start': [1, 1, 1],
+                  'load_average_end': [1, 1, 1], 'memory_gb_per_s': 30.0},
+      'results': [{
+          'kernels': ['k'], 'shape': [64, 32], 'axes': [0], 'dtype': 'float32',
+          'floor_ms': [0.1, 0.1], 'floor_gb_per_s': 1.0, 'two_pass_ms': 0.2,
+          'two_pass_x_floor': 2.0,
+          'rows': [row('1:8', (0.2, 2.0, 1.5), (0.1, 1.0, 1.0), (0.4, 4, 3)),
+                   row('8:16', (0.3, 3.0, 2.5), (0.3, 3.0, 2.1), (0.3, 3, 3)),
+                   row('1:16', (0.3, 3.0, 2.5), (0.2, 2.1, 2.0), (0.1, 1, 1))],
+      }],
+      'vit_ti_ff': None,
+  }
+  path = tmp_path / 'masks.json'
+  path.write_text(json.dumps(out))
+  assert bench_masks.write_markdown(str(path)) == str(tmp_path / 'masks.md')
+  text = (tmp_path / 'masks.md').read_text()
+  assert ('by the paired median, of 3 rows: `pgf` 1 / 1, `xla` 1 / 1, '
+          '`kernel` 1 / 2.') in text
+  assert 'never come within 2x (paired): 8:16.' in text
+  # kernel / xla min times: 0.25, 1.0, 2.0.
+  assert ("k: the kernel took 0.25-2.00x the XLA ops' min time, median "
+          '1.00x') in text
+  assert '| 8:16 | 0.300 / 0.300 | 3.00 | 2.50 |' in text
+  assert 'A CPU, 2 CPUs; JAX 0, numba 0.' in text and 'Idle.' in text
+
+
 def test_inference_samples_follow_untimed_calls(monkeypatch):
   monkeypatch.setattr(bench_inference, 'SAMPLE_SECONDS', 0.0)
   order = []
