@@ -110,10 +110,10 @@ def test_kernel_under_vmap_grad_and_eager():
 
 
 def test_auto_takes_the_kernel_where_it_was_faster():
-  """'auto' on this single-device process: the kernel for groups of 32 and
-  more with lists up to 8, from 2^20 weights; below, only for groups of 128
-  and more at K >= 2; never for M <= 16, groups along the minor axis, inner
-  lengths that are not a multiple of 16, or with 'xla'. Every choice gives
+  """'auto' on this single-device process: the kernel for lists up to 8
+  from 2^20 weights; below, only for groups of 128 and more at K >= 2;
+  never for K > 8, groups along the minor axis, inner lengths that are not
+  a multiple of 16, or with 'xla'. Every choice gives
   the same mask (the tests above)."""
   assert len(jax.local_devices(backend='cpu')) == 1
   big = jax.ShapeDtypeStruct((2048, 512), jnp.float32)      # 2^20 weights
@@ -123,9 +123,11 @@ def test_auto_takes_the_kernel_where_it_was_faster():
       ('big', '31:32'): (big, NM(31, 32), 0, None, 1),
       ('big', '8:64'): (big, NM(8, 64), 0, None, 1),
       ('big', '16:32'): (big, NM(16, 32), 0, None, 0),
-      ('big', '2:16'): (big, NM(2, 16), 0, None, 0),
-      ('big', '1:16'): (big, NM(1, 16), 0, None, 0),
-      ('big', '2:4'): (big, NM(2, 4), 0, None, 0),
+      ('big', '2:16'): (big, NM(2, 16), 0, None, 1),
+      ('big', '1:16'): (big, NM(1, 16), 0, None, 1),
+      ('big', '2:4'): (big, NM(2, 4), 0, None, 1),
+      ('big', '8:16'): (big, NM(8, 16), 0, None, 1),
+      ('big', '9:32'): (big, NM(9, 32), 0, None, 0),
       ('big', 'minor axis'): (big, NM(1, 32), 1, None, 0),
       ('big', 'K 32'): (big, NM(32, 64), 0, None, 0),
       ('big', 'xla'): (big, NM(1, 32), 0, 'xla', 0),

@@ -190,15 +190,18 @@ def _kernel_applies(g: jax.Array, n: int, impl: str) -> bool:
   if impl == 'kernel':
     return True
   # Where it was faster than the XLA ops (python -m pgf.bench.masks, the
-  # ViT-B and T5-Base kernels, float32, 2-core Zen 4; the `pgf` and `xla`
-  # columns of experiments/bench/masks_cpu.md): groups of 32 and more with
-  # lists up to 8, from _KERNEL_MIN_SIZE weights (the FF kernels: 1.0-2.6x
-  # faster) or, on smaller kernels (768 x 768), from groups of
-  # _KERNEL_MIN_WIDE at K >= 2. For M <= 16 XLA's masks were as fast or
-  # faster (2:4 and 8:16 by 1.1-1.6x), and at K = 16 they were even.
+  # ViT-B and T5-Base kernels, float32; the `kernel` and `xla` columns of
+  # experiments/bench/masks_cpu_xeon.md, 2-core Xeon, 2026-12-07): lists up
+  # to 8 from _KERNEL_MIN_SIZE weights (the four FF kernels: 0.52-1.16x the
+  # XLA ops' min time at every pattern from 2:4 to 8:256, median 0.85x) or,
+  # on smaller kernels (768 x 768, where both were even), groups of
+  # _KERNEL_MIN_WIDE at K >= 2 (0.57-0.74x). At K = 16 and 32 they were
+  # even. (On the AMD VM of 2026-12-04, with the kernel's narrower strips of
+  # then, XLA's masks were as fast or faster for M <= 16; the rule then
+  # started at M = 32.)
   m = g.shape[1]
   k = min(n, m - n)
-  if m < 32 or k > 8:
+  if k > 8:
     return False
   size = int(np.prod(g.shape))
   return size >= _KERNEL_MIN_SIZE or (k >= 2 and m >= _KERNEL_MIN_WIDE)
