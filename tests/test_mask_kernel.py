@@ -386,3 +386,15 @@ def test_effective_kernel_takes_the_fused_kernel(monkeypatch):
     out[impl] = jax.jit(fn)(x, w, 0.3)
   for a, b in zip(jax.tree.leaves(out['kernel']), jax.tree.leaves(out['xla'])):
     assert _same_bits(np.asarray(a), np.asarray(b))
+
+
+def test_variants_with_other_constants_get_other_names(monkeypatch):
+  """numba's disk cache keys a function by its name and bytecode, not by the
+  constants formatted into it: a variant compiled with another prefetch
+  distance (experiments/bench/ff_passes.py --no_prefetch) or strip width
+  must not be cached under the default's name."""
+  from pgf.sparsity import mask_kernel
+  names = {mask_kernel._tag(8), mask_kernel._tag(1)}
+  monkeypatch.setattr(mask_kernel, 'PREFETCH_AHEAD', 1 << 40)
+  assert not names & {mask_kernel._tag(8), mask_kernel._tag(1)}
+  assert len(names) == 2          # K = 1 and K = 8 strips differ in width.

@@ -70,6 +70,20 @@ UNROLL = {1: 8, 2: 8, 3: 4, 4: 4, **{k: 2 for k in range(5, 9)},
 # of 384x1536 293-508 and 261-397 us (min over 9 interleaved samples, 1:8
 # and 4:32, 2-core Xeon, 2026-12-07).
 PARALLEL_ELEMENTS = 1 << 18
+# Strips ahead whose rows are prefetched into L2 before a strip is taken. A
+# strip reads u * 64 bytes from each of its group's M rows, one row of the
+# kernel apart: at M = 64 that is 64 streams at a 3-8 KB stride, more than
+# the hardware prefetchers follow, so kernels coming from memory (a step's)
+# waited on every row. Over T5-Base's 72 FF kernels (113 M weights, each
+# call writing over its last results; `python experiments/bench/
+# ff_passes.py --pattern=P [--no_prefetch]`, min of 5, 2-core Xeon,
+# 2026-12-07), w_eff and bits took 68 instead of 121 ms at 8:64, 50 / 60
+# at 4:32, 54 / 74 at 2:4, 51 / 56 at 1:16; SR-STE's refill 95 / 125, 66 /
+# 98, 65 / 75, and 69 / 65 at 1:16. Kernels already in cache (one kernel
+# called again and again) were as fast either way; 1, 2 and 4 strips ahead
+# were within 5 % of each other at 8:64; prefetching the outputs' lines for
+# writing as well was 10 % slower.
+PREFETCH_AHEAD = 2
 
 # dtype -> (bits per weight, magnitude bits, cap): the keys of `nm_mask`
 # (the cap: the largest finite value's bits for float32, the infinity's for
@@ -86,6 +100,34 @@ _DTYPES = {
 # columns ('cols': 32 columns of a row to a word), as `core.pack_mask` lays
 # them out.
 OUTPUTS = ('mask', 'rows', 'cols', 'refill')
+
+
+@numba.extending.intrinsic
+def _prefetch(typingctx, addr):
+  """Asks the CPU to bring the cache line at `addr` (an int64 address) into
+  L2 (llvm.prefetch: a read, locality 2, the data cache)."""
+  del typingctx
+
+  def codegen(context, builder, signature, args):
+    del signature
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [i32] * 3),
+        'llvm.prefetch.p0')
+    builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0),
+                      ir.Constant(i32, 2), ir.Constant(i32, 1)])
+    return context.get_dummy_value()
+  return numba.types.void(numba.types.int64), codegen
+
+
+@numba.njit(inline='always')
+def _prefetch_rows(addr, rows, stride, nbytes):
+  """Prefetches `nbytes` from `addr` in each of `rows` rows `stride` bytes
+  apart."""
+  for r in range(rows):
+    for j in range(0, nbytes, 64):
+      _prefetch(addr + r * stride + j)
 
 
 def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
@@ -335,6 +377,9 @@ def {name}(wa, ma, groups, m, b):
     s = item - g * per
     off = g * m * b + (s * {width} if s < wide
                        else wide * {width} + (s - wide) * {lanes})
+    if s + {ahead} < wide:
+      _prefetch_rows(wa + (off + {ahead} * {width}) * {size}, m, b * {size},
+                     {width} * {size})
     if s < wide:
       _wide(wa + off * {size}, ma + off, 0, m, b * {size}, b, 0, 1, 0.0)
     else:
@@ -369,6 +414,12 @@ def {name}(wa, oa, ba, aa, na, rows, m, b, rows_per_kernel):
     else:
       bits = ba + off
       stride = b * 4
+    if s + {ahead} < wide:
+      _prefetch_rows(wa + off + {ahead} * {width} * 4, block, b * 4,
+                     {width} * 4)
+      if '{out}' == 'refill':
+        _prefetch_rows(ba + off + {ahead} * {width} * 4, block, b * 4,
+                       {width} * 4)
     if s < wide:
       _wide(wa + off, oa + off, bits, m, b * 4, b * 4, stride, count, alpha)
     else:
@@ -404,11 +455,16 @@ def _compile_driver(name, template, nargs, k, top, dtype, out, parallel,
   u = _unroll(k)
   namespace = {'_wide': _strip_pass(k, top, u, dtype, out),
                '_narrow': _strip_pass(k, top, 1, dtype, out),
-               '_as_f32': numba_ffi.as_f32,
+               '_as_f32': numba_ffi.as_f32, '_prefetch_rows': _prefetch_rows,
                'numba': numba, '__name__': __name__}
+  # The compile-time constants are in the name: numba's disk cache keys a
+  # function by its name and bytecode, not by the constants in it, so a
+  # variant compiled with other values (a benchmark's A/B) must not share it.
+  name += f'_w{u * LANES}_a{PREFETCH_AHEAD}'
   source = template.format(
       name=name, width=u * LANES, lanes=LANES, out=out,
-      loop='numba.prange' if parallel else 'range', **fields)
+      loop='numba.prange' if parallel else 'range', ahead=PREFETCH_AHEAD,
+      **fields)
   exec(compile(source, __file__, 'exec'), namespace)  # noqa: S102
   i64 = numba.types.int64
   return numba.njit(numba.void(*[i64] * nargs), parallel=parallel,
@@ -457,12 +513,18 @@ def {name}(frame_ptr):
 '''
 
 
+def _tag(k: int) -> str:
+  """The compile-time constants of a handler, for its name: a cached
+  handler holds its driver's code (see `_compile_driver`)."""
+  return f'_w{_unroll(k) * LANES}_a{PREFETCH_AHEAD}'
+
+
 @functools.cache
 def target(k: int, top: bool, dtype: str, parallel: bool) -> str:
   """The FFI target name of a mask variant (compiled and registered once per
   process; numba caches the machine code on disk)."""
   name = (f'pgf_nm_mask_{dtype}_k{k}_{"top" if top else "bottom"}_'
-          f'{"parallel" if parallel else "serial"}')
+          f'{"parallel" if parallel else "serial"}{_tag(k)}')
   return _register(name, _HANDLER_SOURCE, _driver(k, top, dtype, parallel))
 
 
@@ -470,7 +532,7 @@ def target(k: int, top: bool, dtype: str, parallel: bool) -> str:
 def fused_target(k: int, top: bool, pack: str, parallel: bool) -> str:
   """The FFI target name of a w_eff-and-bits variant (float32)."""
   name = (f'pgf_nm_fused_k{k}_{"top" if top else "bottom"}_{pack}_'
-          f'{"parallel" if parallel else "serial"}')
+          f'{"parallel" if parallel else "serial"}{_tag(k)}')
   return _register(name, _SCALAR_HANDLER_SOURCE,
                    _scalar_driver(k, top, pack, parallel), scalars=1,
                    second=10)
@@ -480,7 +542,7 @@ def fused_target(k: int, top: bool, pack: str, parallel: bool) -> str:
 def refill_target(k: int, top: bool, parallel: bool) -> str:
   """The FFI target name of an SR-STE refill variant (float32)."""
   name = (f'pgf_nm_refill_k{k}_{"top" if top else "bottom"}_'
-          f'{"parallel" if parallel else "serial"}')
+          f'{"parallel" if parallel else "serial"}{_tag(k)}')
   return _register(name, _SCALAR_HANDLER_SOURCE,
                    _scalar_driver(k, top, 'refill', parallel), scalars=2,
                    second=5)
