@@ -79,10 +79,12 @@ PARALLEL_ELEMENTS = 1 << 18
 # ff_passes.py --pattern=P [--no_prefetch]`, min of 5, 2-core Xeon,
 # 2026-12-07), w_eff and bits took 68 instead of 121 ms at 8:64, 50 / 60
 # at 4:32, 54 / 74 at 2:4, 51 / 56 at 1:16; SR-STE's refill 95 / 125, 66 /
-# 98, 65 / 75, and 69 / 65 at 1:16. Kernels already in cache (one kernel
-# called again and again) were as fast either way; 1, 2 and 4 strips ahead
-# were within 5 % of each other at 8:64; prefetching the outputs' lines for
-# writing as well was 10 % slower.
+# 98, 65 / 75, and 69 / 65 at 1:16. On one kernel called again and again
+# (in cache: 768x3072 and 3072x768; 1:8, 2:4, 4:32, 8:64, 1:32, min of 40
+# calls, two alternating runs each) times moved within the runs' spread,
+# but w_eff and bits at 8:64 on 768x3072 took 0.80-0.85 ms against 0.75.
+# 1, 2 and 4 strips ahead were within 5 % of each other at 8:64;
+# prefetching the outputs' lines for writing as well was 10 % slower.
 PREFETCH_AHEAD = 2
 
 # dtype -> (bits per weight, magnitude bits, cap): the keys of `nm_mask`
