@@ -61,6 +61,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import numba
 import numpy as np
 
 from pgf.bench import timing
@@ -374,14 +375,6 @@ def _bench_vit_ti_ff(dtype, patterns, rng):
       for nm in patterns]}
 
 
-def _numba_version() -> str | None:
-  try:
-    import numba  # noqa: PLC0415 (the kernel's compiler, where installed)
-  except ImportError:
-    return None
-  return numba.__version__
-
-
 def _print_kernel(names, shape, axes, dtype, result, impls):
   print(f'\n{" = ".join(names)}  {shape} groups on axes {axes}  {dtype}  '
         f'floor {result["floor_ms"][0]:.3f} ms (median '
@@ -576,7 +569,7 @@ def main(argv):
                   'load_average_start': load_start,
                   'load_average_end': os.getloadavg(),
                   'memory_gb_per_s': bandwidth},
-      'jax': jax.__version__, 'numba': _numba_version(),
+      'jax': jax.__version__, 'numba': numba.__version__,
       'device': jax.devices()[0].device_kind, 'note': FLAGS.note,
       'repeats': FLAGS.repeats, 'results': results, 'vit_ti_ff': small,
   }

@@ -459,10 +459,7 @@ def _compile_driver(name, template, nargs, k, top, dtype, out, parallel,
                '_narrow': _strip_pass(k, top, 1, dtype, out),
                '_as_f32': numba_ffi.as_f32, '_prefetch_rows': _prefetch_rows,
                'numba': numba, '__name__': __name__}
-  # The compile-time constants are in the name: numba's disk cache keys a
-  # function by its name and bytecode, not by the constants in it, so a
-  # variant compiled with other values (a benchmark's A/B) must not share it.
-  name += f'_w{u * LANES}_a{PREFETCH_AHEAD}'
+  name += _tag(k)
   source = template.format(
       name=name, width=u * LANES, lanes=LANES, out=out,
       loop='numba.prange' if parallel else 'range', ahead=PREFETCH_AHEAD,
@@ -516,8 +513,11 @@ def {name}(frame_ptr):
 
 
 def _tag(k: int) -> str:
-  """The compile-time constants of a handler, for its name: a cached
-  handler holds its driver's code (see `_compile_driver`)."""
+  """The compile-time constants of a driver (strip width, prefetch
+  distance), for its name and its handler's: numba's disk cache keys a
+  function by its name and bytecode, not by the constants in it, and a
+  cached handler holds its driver's code; so a variant compiled with other
+  values (a benchmark's A/B) must not share a name with the default."""
   return f'_w{_unroll(k) * LANES}_a{PREFETCH_AHEAD}'
 
 
