@@ -21,11 +21,14 @@ from pgf.sparsity import masks
 from pgf.sparsity import nm_mask
 from pgf.sparsity import nm_mask_reference
 
-# K = min(N, M - N) = 1 (both directions), lists of 2-16 kept or dropped
-# keys, M from 4 to 256 (the kernel reads M at run time).
+# K = min(N, M - N) = 1 (both directions), lists of 2-32 kept or dropped
+# keys, M from 4 to 256 (the kernel reads M at run time): groups of two
+# chunks (2:4 to 32:64, the last chunk read apart), of many, with rows past
+# the last whole chunk (4:10, 3:48: lists longer than K).
 PATTERNS = [(1, 4), (3, 4), (2, 4), (1, 8), (7, 8), (4, 8), (6, 8), (1, 16),
             (15, 16), (2, 16), (8, 16), (1, 32), (31, 32), (4, 32), (16, 32),
-            (8, 64), (61, 64), (1, 128), (8, 128), (8, 256), (3, 48)]
+            (8, 64), (61, 64), (32, 64), (1, 128), (8, 128), (8, 256), (3, 48),
+            (4, 10)]
 
 # name -> (group axes, shape for M): inner lengths 144 (wide strips of 128,
 # 64 or 32 columns and narrow ones of 16), 32 and 16, groups across leading
@@ -110,26 +113,27 @@ def test_kernel_under_vmap_grad_and_eager():
 
 
 def test_auto_takes_the_kernel_where_it_was_faster():
-  """'auto' on this single-device process: the kernel for lists up to 8
-  from 2^20 weights; below, only for groups of 128 and more at K >= 2;
-  never for K > 8, groups along the minor axis, inner lengths that are not
-  a multiple of 16, or with 'xla'. Every choice gives
+  """'auto' on this single-device process: the kernel for lists up to 32
+  from 2^19 weights; below, only for groups of 128 and more at K >= 2;
+  never past K = 32, for groups along the minor axis, inner lengths that
+  are not a multiple of 16, or with 'xla'. Every choice gives
   the same mask (the tests above)."""
   assert len(jax.local_devices(backend='cpu')) == 1
-  big = jax.ShapeDtypeStruct((2048, 512), jnp.float32)      # 2^20 weights
-  small = jax.ShapeDtypeStruct((1024, 512), jnp.float32)
+  big = jax.ShapeDtypeStruct((1024, 512), jnp.float32)      # 2^19 weights
+  small = jax.ShapeDtypeStruct((1024, 496), jnp.float32)
   cases = {
       ('big', '1:32'): (big, NM(1, 32), 0, None, 1),
       ('big', '31:32'): (big, NM(31, 32), 0, None, 1),
       ('big', '8:64'): (big, NM(8, 64), 0, None, 1),
-      ('big', '16:32'): (big, NM(16, 32), 0, None, 0),
+      ('big', '16:32'): (big, NM(16, 32), 0, None, 1),
       ('big', '2:16'): (big, NM(2, 16), 0, None, 1),
       ('big', '1:16'): (big, NM(1, 16), 0, None, 1),
       ('big', '2:4'): (big, NM(2, 4), 0, None, 1),
       ('big', '8:16'): (big, NM(8, 16), 0, None, 1),
-      ('big', '9:32'): (big, NM(9, 32), 0, None, 0),
+      ('big', '9:32'): (big, NM(9, 32), 0, None, 1),
       ('big', 'minor axis'): (big, NM(1, 32), 1, None, 0),
-      ('big', 'K 32'): (big, NM(32, 64), 0, None, 0),
+      ('big', 'K 32'): (big, NM(32, 64), 0, None, 1),
+      ('big', 'K 64'): (big, NM(64, 128), 0, None, 0),
       ('big', 'xla'): (big, NM(1, 32), 0, 'xla', 0),
       ('small', '8:128'): (small, NM(8, 128), 0, None, 1),
       ('small', '8:64'): (small, NM(8, 64), 0, None, 0),
@@ -235,7 +239,8 @@ def _same_bits(a, b):
       a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
 
 
-@pytest.mark.parametrize('n,m', [p for p in PATTERNS if p != (3, 48)],
+@pytest.mark.parametrize('n,m', [p for p in PATTERNS if p[1] in (4, 8, 16, 32,
+                                                                64, 128, 256)],
                          ids=lambda v: str(v))
 def test_fused_kernel_equals_xla_route(n, m, monkeypatch):
   """w_eff (to the bit, NaN payloads included) and the packed bits equal
@@ -299,11 +304,12 @@ def test_fused_kernel_large_parallel_vmapped_and_grad(monkeypatch):
 
 
 def test_auto_takes_the_fused_kernel_where_it_applies(monkeypatch):
-  """'auto' on this single-device process: float32 kernels with K up to 8
+  """'auto' on this single-device process: float32 kernels with K up to 32
   whose bits pack along rows of whole groups or along columns; XLA's route
-  for bfloat16, K over 8 (the kernel was not faster), N = M, groups along
-  the minor axis, words that would split groups (M = 48), an odd number of
-  rows, and under 'xla'."""
+  for bfloat16, K over the kernel's 32, N = M, groups along the minor axis,
+  words that would split groups (M = 48), an odd number of rows, and under
+  'xla'. SR-STE's refill: the kernel up to K = 8 (past it the kernel was
+  not faster)."""
   from pgf.sparsity import core
   monkeypatch.delenv('PGF_MASK_KERNEL', raising=False)
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
@@ -313,7 +319,9 @@ def test_auto_takes_the_fused_kernel_where_it_applies(monkeypatch):
       '8:64 cols': (f32(12, 64, 768), NM(8, 64), (0, 1), 1),
       'bfloat16': (jax.ShapeDtypeStruct((64, 32), jnp.bfloat16), NM(2, 4),
                    (0,), 0),
-      'K 16': (f32(64, 32), NM(16, 32), (0,), 0),
+      'K 16': (f32(64, 32), NM(16, 32), (0,), 1),
+      'K 32': (f32(128, 32), NM(32, 64), (0,), 1),
+      'K 64': (f32(256, 32), NM(64, 128), (0,), 0),
       'N = M': (f32(64, 32), NM(4, 4), (0,), 0),
       'minor axis': (f32(64, 32), NM(1, 16), (1,), 0),
       'M 48': (f32(96, 32), NM(3, 48), (0,), 0),
@@ -322,9 +330,14 @@ def test_auto_takes_the_fused_kernel_where_it_applies(monkeypatch):
   for what, (w, nm, axes, want) in cases.items():
     fn = lambda w, nm=nm, axes=axes: core.kernel_and_bits(w, nm, axes, 0.0)
     assert _fused_calls(fn, w) == want, what
+  for nm, want in ((NM(8, 64), 1), (NM(16, 32), 0), (NM(32, 64), 0)):
+    fn = lambda g, w, nm=nm: core.srste_gradient(g, w, nm, (0,), 2e-4)
+    text = jax.jit(fn).lower(f32(128, 32), f32(128, 32)).as_text()
+    assert text.count('pgf_nm_refill') == want, nm
   monkeypatch.setenv('PGF_MASK_KERNEL', 'kernel')
-  assert _fused_calls(lambda w: core.kernel_and_bits(w, NM(16, 32), (0,), 0.0),
-                      f32(64, 32)) == 1
+  fn = lambda g, w: core.srste_gradient(g, w, NM(16, 32), (0,), 2e-4)
+  text = jax.jit(fn).lower(f32(128, 32), f32(128, 32)).as_text()
+  assert text.count('pgf_nm_refill') == 1
   monkeypatch.setenv('PGF_MASK_KERNEL', 'xla')
   assert _fused_calls(lambda w: core.kernel_and_bits(w, NM(1, 32), (0,), 0.0),
                       f32(768, 2048)) == 0
@@ -335,8 +348,8 @@ def _fused_calls(fn, *args):
 
 
 @pytest.mark.parametrize('n,m', [(1, 4), (2, 4), (6, 8), (1, 16), (8, 16),
-                                 (1, 32), (4, 32), (31, 32), (8, 64),
-                                 (8, 128)], ids=lambda v: str(v))
+                                 (1, 32), (4, 32), (16, 32), (31, 32), (8, 64),
+                                 (32, 64), (8, 128)], ids=lambda v: str(v))
 def test_srste_kernel_equals_xla_route(n, m, monkeypatch):
   """SR-STE's gradient g + lambda (1 - m) w from one CPU kernel equals XLA's
   route to the bit on hard groups of w and gradients with -0, NaN and inf

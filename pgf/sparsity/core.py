@@ -340,10 +340,15 @@ def kernel_and_bits(w: jax.Array, nm: NM, axes: Sequence[int],
   return jax.lax.platform_dependent(w, alpha, after, cpu=cpu, default=xla)
 
 
-# K = min(N, M - N) up to which 'auto' takes the fused CPU kernels: there
-# w_eff and bits took 0.55-0.85x the time of XLA's route on T5-Base's FF
-# kernels (float32, 2-core Xeon, 2026-12-07); at K = 16 (16:32) 0.9-1.15x.
-_FUSED_MAX_K = 8
+# K = min(N, M - N) up to which 'auto' takes the fused CPU kernels. Over
+# T5-Base's 72 FF kernels (`python experiments/bench/ff_passes.py
+# --pattern=P`, PGF_MASK_KERNEL=kernel against =xla, min of 5, float32,
+# 2-core Xeon, 2026-12-07), w_eff and bits took 63 instead of XLA's route's
+# 74 ms at 16:32 and 99 / 123 ms at 32:64 (0.55-0.85x at K <= 8, measured
+# earlier); SR-STE's refill took 90 / 81 ms at 16:32 and 104 / 97 at 32:64,
+# so it stays with XLA past K = 8.
+_FUSED_MAX_K = 32
+_REFILL_MAX_K = 8
 
 
 def _fused_pack(w: jax.Array, nm: NM, axes: tuple[int, ...]) -> str | None:
@@ -352,7 +357,7 @@ def _fused_pack(w: jax.Array, nm: NM, axes: tuple[int, ...]) -> str | None:
   axis, outside the group axes), or None where XLA's route runs: where
   `_fused_applies` says no, and for shapes whose bits the kernel cannot
   lay out (`mask_kernel.fused_applies`)."""
-  if not _fused_applies(w, nm, axes):
+  if not _fused_applies(w, nm, axes, _FUSED_MAX_K):
     return None
   shape = group_view(w.shape, nm.m, axes)
   axis = _pack_axis(w.shape)
@@ -373,14 +378,15 @@ def srste_gradient(g: jax.Array, w: jax.Array, nm: NM, axes: Sequence[int],
   (Zhou et al. 2021; `transforms.srste_refill` applies it).
 
   On a process with one CPU device, float32 kernels with groups along a
-  major axis and K = min(N, M - N) up to _FUSED_MAX_K take one CPU kernel
+  major axis and K = min(N, M - N) up to _REFILL_MAX_K take one CPU kernel
   (`mask_kernel.refill`): it reads each group of w once and g once and
   writes the result, where XLA's route writes a bool mask and reads it back
   beside g and w. Both give the same array bit for bit.
   """
   lam = jnp.asarray(lam, g.dtype)
   axes = check_groupable(w.shape, nm, axes, name=name)
-  fused = (g.dtype == jnp.float32 and _fused_applies(w, nm, axes)
+  fused = (g.dtype == jnp.float32
+           and _fused_applies(w, nm, axes, _REFILL_MAX_K)
            and g.shape == w.shape)
 
   def xla(g, w, lam):
@@ -401,17 +407,18 @@ def srste_gradient(g: jax.Array, w: jax.Array, nm: NM, axes: Sequence[int],
   return jax.lax.platform_dependent(g, w, lam, cpu=cpu, default=xla)
 
 
-def _fused_applies(w: jax.Array, nm: NM, axes: tuple[int, ...]) -> bool:
-  """Whether the CPU kernels of `kernel_and_bits` and `srste_gradient` can
+def _fused_applies(w: jax.Array, nm: NM, axes: tuple[int, ...],
+                   max_k: int) -> bool:
+  """Whether the CPU kernels of `kernel_and_bits` or `srste_gradient` can
   and, under 'auto', should take w: one CPU device (unless 'kernel'),
-  float32, groups along a major axis, 1 <= K <= _FUSED_MAX_K under 'auto'
-  (up to the kernel's 16 under 'kernel'); never under 'xla'."""
+  float32, groups along a major axis, 1 <= K <= max_k under 'auto' (up to
+  the kernel's limit under 'kernel'); never under 'xla'."""
   impl = masks_lib.implementation(None)
   shape = group_view(w.shape, nm.m, axes)
   if (nm.n == nm.m or w.dtype != jnp.float32
       or not masks_lib.kernel_possible(shape, w.dtype, nm.n, impl)):
     return False
-  return impl == 'kernel' or min(nm.n, nm.m - nm.n) <= _FUSED_MAX_K
+  return impl == 'kernel' or min(nm.n, nm.m - nm.n) <= max_k
 
 
 def _bits_shape(shape: Sequence[int]) -> tuple[int, ...]:

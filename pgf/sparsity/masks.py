@@ -191,18 +191,18 @@ def _kernel_applies(g: jax.Array, n: int, impl: str) -> bool:
     return True
   # Where it was faster than the XLA ops (python -m pgf.bench.masks, the
   # ViT-B and T5-Base kernels, float32; the `kernel` and `xla` columns of
-  # experiments/bench/masks_cpu_xeon.md, 2-core Xeon, 2026-12-07): lists up
-  # to 8 from _KERNEL_MIN_SIZE weights (the four FF kernels: 0.52-1.16x the
-  # XLA ops' min time at every pattern from 2:4 to 8:256, median 0.85x) or,
-  # on smaller kernels (768 x 768, where both were even), groups of
-  # _KERNEL_MIN_WIDE at K >= 2 (0.57-0.74x). At K = 16 and 32 they were
-  # even. (On the AMD VM of 2026-12-04, with the kernel's narrower strips of
-  # then, XLA's masks were as fast or faster for M <= 16; the rule then
-  # started at M = 32.)
+  # experiments/bench/masks_cpu_xeon.md, 2-core Xeon, 2026-12-07): every
+  # pattern from _KERNEL_MIN_SIZE weights (the run of 17:58 UTC, after the
+  # kernel read a group's last chunk apart and wrote ties again only where
+  # they straddle the K-th key: 0.50-1.13x the XLA ops' min time on the
+  # four FF kernels, medians 0.72-0.88x per kernel; 0.59-1.06x on the
+  # 768 x 768 ones, medians 0.86x and 0.87x, where an earlier kernel had
+  # been even with XLA's ops) and, on smaller ones (not measured), groups of
+  # _KERNEL_MIN_WIDE at K >= 2 (0.57-0.74x on the 768 x 768 kernels, 15:37
+  # UTC). (On the AMD VM of 2026-12-04, with the kernel's narrower strips of
+  # then, XLA's masks were as fast or faster for M <= 16.)
   m = g.shape[1]
   k = min(n, m - n)
-  if k > 8:
-    return False
   size = int(np.prod(g.shape))
   return size >= _KERNEL_MIN_SIZE or (k >= 2 and m >= _KERNEL_MIN_WIDE)
 
@@ -273,11 +273,11 @@ _CHUNK = 64
 _MAX_STORED = 8
 # Longest sorted lists merged by a network (see _select_many).
 _MAX_NETWORK = 32
-# K = min(N, M - N) up to which the CPU kernel keeps its list in registers
-# (its sorted lists of 16 fill them; pgf.sparsity.mask_kernel is not
-# imported here: it needs numba).
-_KERNEL_MAX_K = 16
-_KERNEL_MIN_SIZE = 1 << 20
+# K = min(N, M - N) up to which the CPU kernel runs (its sorted lists of 16
+# fill the registers, those of 32 spill to L1 but were still faster than
+# XLA's ops; pgf.sparsity.mask_kernel is not imported here: it needs numba).
+_KERNEL_MAX_K = 32
+_KERNEL_MIN_SIZE = 1 << 19
 _KERNEL_MIN_WIDE = 128
 
 
