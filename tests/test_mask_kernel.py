@@ -186,6 +186,56 @@ def test_auto_keeps_xla_where_a_mesh_can_shard_the_kernel():
   assert out.split('\n')[:2] == ['auto 0', 'kernel 1']
 
 
+_DENORMAL_CODE = """
+import os
+import jax, jax.numpy as jnp, numpy as np
+from pgf.sparsity import NM, core
+rng = np.random.default_rng(0)
+w = rng.normal(size=(64, 32)).astype(np.float32)
+# Columns 0-15: groups of two denormals and two zeros (the denormals kept).
+w[::2, :16] = rng.choice([1e-40, -1e-39, 3e-45, -1e-45], size=(32, 16))
+w[1::2, :16] = rng.choice([0.0, -0.0], size=(32, 16))
+w = jnp.asarray(w)
+x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
+out = {}
+for impl in ('kernel', 'xla'):
+  os.environ['PGF_MASK_KERNEL'] = impl
+  for alpha in (0.0, 0.37):
+    w_eff, bits = jax.jit(lambda w, a: core.kernel_and_bits(
+        w, NM(2, 4), (0,), a))(w, alpha)
+    back = jax.jit(core.kernel_from_bits)(w, bits, jnp.float32(alpha))
+    eff, mask = jax.jit(lambda w, a: core.effective_kernel(
+        w, NM(2, 4), (0,), alpha=a))(w, alpha)
+    grad = jax.jit(jax.grad(lambda w, a: jnp.sum(core.sparse_product(
+        jnp.dot, x, w, NM(2, 4), (0,), alpha=a) ** 2)))(w, alpha)
+    out[impl, alpha] = [np.asarray(a).view(np.uint32) if a.dtype == np.float32
+                        else np.asarray(a) for a in (w_eff, bits, back, eff,
+                                                     mask, grad)]
+    kept = np.asarray(mask) & (np.abs(np.asarray(w)) < 1e-37)
+    assert kept.sum() > 100, kept.sum()
+    for a in (w_eff, back, eff):
+      assert (np.asarray(a)[kept].view(np.uint32)
+              == np.asarray(w)[kept].view(np.uint32)).all(), (impl, alpha)
+for alpha in (0.0, 0.37):
+  for a, b in zip(out['kernel', alpha], out['xla', alpha]):
+    assert (a == b).all(), alpha
+print('ok')
+"""
+
+
+def test_kept_denormal_weights_stay_with_avx2_code():
+  """XLA:CPU runs with denormals flushed to zero; where its code multiplies
+  kept weights by 1 (AVX2, --xla_cpu_max_isa=AVX2, as on CPUs without
+  AVX-512) a denormal weight would become 0. w_eff on both routes, from
+  the bits and through effective_kernel keeps every kept weight bit for
+  bit, and the kernel and XLA routes (gradients included) agree."""
+  env = dict(os.environ, XLA_FLAGS='--xla_cpu_max_isa=AVX2',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', _DENORMAL_CODE], env=env,
+                        capture_output=True, text=True)
+  assert proc.returncode == 0 and proc.stdout.strip() == 'ok', proc.stderr
+
+
 def test_kernel_route_keeps_the_step_memory_of_the_xla_route(monkeypatch):
   """On the kernel route the forward pass's w_eff and bits come from the
   fused kernel (no bool mask at all); the recomputing step needs dense's

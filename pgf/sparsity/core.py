@@ -141,7 +141,7 @@ def effective_kernel(w: jax.Array, nm: NM, axes: Sequence[int], *,
     w_eff, _ = kernel_and_bits(jax.lax.stop_gradient(w), nm, axes,
                                jax.lax.stop_gradient(alpha), name=name)
     return _straight_through(w, w_eff), mask
-  return straight_through_scale(w, _scale(mask, alpha, w.dtype)), mask
+  return _straight_through(w, _masked(w, mask, alpha)), mask
 
 
 @jax.custom_jvp
@@ -156,9 +156,12 @@ def _straight_through_jvp(primals, tangents):
   return primals[1], tangents[0]
 
 
-def _scale(mask: jax.Array, alpha: jax.Array, dtype) -> jax.Array:
-  """m + (1 - m) alpha, as a select: every w_eff is w times this."""
-  return jnp.where(mask, jnp.ones((), dtype), alpha)
+def _masked(w: jax.Array, mask: jax.Array, alpha: jax.Array) -> jax.Array:
+  """w * (m + (1 - m) alpha), kept weights passed through as they are: XLA:CPU
+  runs with denormals flushed to zero, and where it does multiply kept
+  weights by 1 (AVX2 code, e.g. --xla_cpu_max_isa=AVX2) a denormal weight
+  would become 0, unlike the CPU kernels' result."""
+  return jnp.where(mask, w, w * alpha)
 
 
 def hard_kernel(w: jax.Array, nm: NM, axes: Sequence[int], *,
@@ -204,9 +207,10 @@ def _after(w: jax.Array, g: jax.Array) -> jax.Array:
   An optimization barrier where XLA keeps it until scheduling (GPU, TPU).
   XLA:CPU drops barriers before its late common-subexpression passes, which
   would then merge the backward's recomputation with the forward's kernel
-  and keep that alive: there, a data dependence does it, w * (1 + 0 g_0),
-  which is w bit for bit whenever g_0 is finite (a non-finite cotangent
-  makes the step's gradients non-finite anyway).
+  and keep that alive: there, a data dependence does it, a select of w
+  unless g_0 is NaN (then 0: a non-finite cotangent makes the step's
+  gradients non-finite anyway). A select, not w * (1 + 0 g_0): a product
+  flushes denormal weights to zero where XLA:CPU's code multiplies.
   """
   def barrier(w, g):
     return jax.lax.optimization_barrier((w, g))[0]
@@ -215,13 +219,13 @@ def _after(w: jax.Array, g: jax.Array) -> jax.Array:
     # One element by index, not of g.reshape(-1): flattening a sharded g
     # would gather all of it onto every device.
     g0 = jax.lax.convert_element_type(g[(0,) * g.ndim], w.dtype)
-    return w * (1 + 0 * g0)
+    return jnp.where(g0 != g0, jnp.zeros((), w.dtype), w)
 
   return jax.lax.platform_dependent(w, g, cpu=tie, default=barrier)
 
 
 def _weff(w, nm, axes, alpha, name):
-  return w * _scale(nm_mask(w, nm, axes, name=name), alpha, w.dtype)
+  return _masked(w, nm_mask(w, nm, axes, name=name), alpha)
 
 
 def _pack_axis(shape: Sequence[int]) -> int:
@@ -279,7 +283,7 @@ def unpack_mask(bits: jax.Array, shape: Sequence[int]) -> jax.Array:
 def kernel_from_bits(w: jax.Array, bits: jax.Array,
                      alpha: jax.Array) -> jax.Array:
   """w_eff from the packed mask: w * (m + (1 - m) alpha), as `_weff`."""
-  return w * _scale(unpack_mask(bits, w.shape), alpha, w.dtype)
+  return _masked(w, unpack_mask(bits, w.shape), alpha)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))

@@ -205,7 +205,6 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
         return [key(x) for x in raw(base, r)]
 
       if fused:
-        one = ir.Constant(fvec, [1.0] * LANES)
         scale = builder.insert_element(ir.Constant(fvec, ir.Undefined),
                                        alpha, ir.Constant(ir.IntType(32), 0))
         scale = builder.shuffle_vector(scale, ir.Constant(fvec, ir.Undefined),
@@ -237,9 +236,9 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
             builder.store(builder.fadd(g, builder.select(flags[v], zero, x)),
                           ptr(obase, os_, r, v * LANES * 4, fvec), align=4)
           return
-        for v in range(u):
+        for v in range(u):   # Kept weights as they are (no product by 1).
           x = builder.bitcast(xs[v], fvec)
-          builder.store(builder.fmul(x, builder.select(flags[v], one, scale)),
+          builder.store(builder.select(flags[v], x, builder.fmul(x, scale)),
                         ptr(obase, os_, r, v * LANES * 4, fvec), align=4)
         if out == 'cols':
           half = ir.IntType(LANES)
