@@ -526,11 +526,10 @@ def sparse_work_fn(s: step_lib.Setup, plan) -> Callable | None:
       kernels.append(w_eff)
     out = [kernels]
     if recompute:
-      # As `core._after` ties the backward's w to the incoming gradient.
-      t0 = kernels[0][(0,) * kernels[0].ndim]
-      out.append([core.kernel_from_bits(
-          jnp.where(t0 != t0, jnp.zeros((), flat[p].dtype), flat[p]), b,
-          alphas[p]) for p, b in zip(paths, bits)])
+      tie = 1 + 0 * kernels[0][(0,) * kernels[0].ndim]
+      out.append([core.kernel_from_bits(flat[p] * tie.astype(flat[p].dtype),
+                                        b, alphas[p])
+                  for p, b in zip(paths, bits)])
     updates, _ = tx.update(grads, tx.init(params), params, step=step,
                            plan=plan)
     given = trees.flatten(grads)
