@@ -383,14 +383,12 @@ def test_auto_takes_the_fused_kernel_where_it_applies(monkeypatch):
   for what, (w, nm, axes, want) in cases.items():
     fn = lambda w, nm=nm, axes=axes: core.kernel_and_bits(w, nm, axes, 0.0)
     assert _fused_calls(fn, w) == want, what
+  refill = lambda nm: (lambda g, w: core.srste_gradient(g, w, nm, (0,), 2e-4))
+  gw = (f32(128, 32), f32(128, 32))
   for nm, want in ((NM(8, 64), 1), (NM(16, 32), 0), (NM(32, 64), 0)):
-    fn = lambda g, w, nm=nm: core.srste_gradient(g, w, nm, (0,), 2e-4)
-    text = jax.jit(fn).lower(f32(128, 32), f32(128, 32)).as_text()
-    assert text.count('pgf_nm_refill') == want, nm
+    assert _refill_calls(refill(nm), *gw) == want, nm
   monkeypatch.setenv('PGF_MASK_KERNEL', 'kernel')
-  fn = lambda g, w: core.srste_gradient(g, w, NM(16, 32), (0,), 2e-4)
-  text = jax.jit(fn).lower(f32(128, 32), f32(128, 32)).as_text()
-  assert text.count('pgf_nm_refill') == 1
+  assert _refill_calls(refill(NM(16, 32)), *gw) == 1
   monkeypatch.setenv('PGF_MASK_KERNEL', 'xla')
   assert _fused_calls(lambda w: core.kernel_and_bits(w, NM(1, 32), (0,), 0.0),
                       f32(768, 2048)) == 0
@@ -398,6 +396,10 @@ def test_auto_takes_the_fused_kernel_where_it_applies(monkeypatch):
 
 def _fused_calls(fn, *args):
   return jax.jit(fn).lower(*args).as_text().count('pgf_nm_fused')
+
+
+def _refill_calls(fn, *args):
+  return jax.jit(fn).lower(*args).as_text().count('pgf_nm_refill')
 
 
 @pytest.mark.parametrize('n,m', [(1, 4), (2, 4), (6, 8), (1, 16), (8, 16),
@@ -423,7 +425,7 @@ def test_srste_kernel_equals_xla_route(n, m, monkeypatch):
     for impl in ('kernel', 'xla'):
       monkeypatch.setenv('PGF_MASK_KERNEL', impl)
       fn = lambda g, w, axes=axes: core.srste_gradient(g, w, nm, axes, 2e-4)
-      calls = jax.jit(fn).lower(g, w).as_text().count('pgf_nm_refill')
+      calls = _refill_calls(fn, g, w)
       assert calls == (impl == 'kernel'), (impl, layout)
       got[impl] = np.asarray(jax.jit(fn)(g, w))
     assert _same_bits(got['kernel'], got['xla']), (n, m, layout)

@@ -204,12 +204,14 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
       def keys(base, r):
         return [key(x) for x in raw(base, r)]
 
+      acc = []   # 'rows': the bits of the word being filled, per vector.
       if fused:
         scale = builder.insert_element(ir.Constant(fvec, ir.Undefined),
                                        alpha, ir.Constant(ir.IntType(32), 0))
         scale = builder.shuffle_vector(scale, ir.Constant(fvec, ir.Undefined),
                                        ir.Constant(ivec, [0] * LANES))
-        acc = state(0)
+        if out == 'rows':
+          acc = state(0)
         # Rows are visited in order, except where ties drop the last equal
         # keys (K > 1, bottom); a word of 'rows' bits is stored after the
         # last of its rows visited.
@@ -260,10 +262,10 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
             builder.store(splat(0), acc[v])
 
       def held_bits():
-        return [builder.load(a) for a in acc] if out == 'rows' else []
+        return [builder.load(a) for a in acc]
 
       def restore_bits(held):
-        for slot, h in zip(acc if held else (), held):
+        for slot, h in zip(acc, held):
           builder.store(h, slot)
 
       with cgutils.for_range(builder, count) as group:
@@ -314,8 +316,7 @@ def _group(builder, k, top, u, m, base, obase, first, raw, key, keys, write,
   # cover the group, the last chunk is not merged: the K-th key T is the
   # worst of the bitonic list its merge would sort.
   size = 1 << (k - 1).bit_length()
-  pad = -1 if top else 0x7FFFFFFF
-  lists = [state(pad) for _ in range(size)]
+  lists = [state(0) for _ in range(size)]   # The first chunk fills them.
   better, worse = (smax, smin) if top else (smin, smax)
   thresh, need = state(0), state(0)
 
