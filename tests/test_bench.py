@@ -67,6 +67,27 @@ def test_ratios_are_paired_within_rounds():
   assert out['overhead_ms'] == pytest.approx(100.0)
 
 
+def test_rows_count_the_page_faults_of_their_steps():
+  # A step that first-touches 64 MiB of fresh memory faults at least once
+  # per 2 MiB (huge pages) and on 4 KiB pages 16,384 times; an empty one
+  # hardly at all.
+  def touch(n):
+    for _ in range(n):
+      np.ones(2**24, np.float32)
+
+  rows = [steps.Row('dense', '-', None, lambda n: None, None),
+          steps.Row('ste', 'ff=2:4', True, touch, None)]
+  steps.time_rows(rows, rounds=3, steps=2)
+  out = steps.summarize(rows)
+  assert [len(r.faults) for r in rows] == [3, 3]
+  assert out[0]['faults_per_step'] < 32 <= out[1]['faults_per_step']
+  assert '| faults / step |' in steps.markdown(
+      dict(model='m', command='c', date='d', device='x', load_before='l',
+           load_after='l', host_memory='h', jax='j', batch_size=1,
+           batch_note='n', dtype='f', rounds=3, steps=2, param_count=1),
+      out)
+
+
 def _row(name, times, recompute=True):
   return dict(row=name, pattern='-', recompute=recompute,
               samples_ms=list(times))

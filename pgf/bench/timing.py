@@ -1,10 +1,13 @@
 """What the benchmarks share: one timed sample of a jitted call, the
-host CPU's name."""
+host CPU's name, its page faults and how it backs large allocations."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import os
 import platform
+import re
+import resource
 import time
 
 import jax
@@ -35,3 +38,32 @@ def cpu_name() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def minor_faults() -> int:
+  """Minor page faults of this process so far (getrusage): on CPU, XLA
+  allocates a step's temporaries on every call, and each first touch of a
+  fresh 4 KiB page of them faults (`host_memory`)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def thp_mode() -> str:
+  """The kernel's transparent huge page mode ('always', 'madvise', 'never';
+  'unknown' where /sys does not say)."""
+  try:
+    with open('/sys/kernel/mm/transparent_hugepage/enabled') as fh:
+      mode = re.search(r'\[(\w+)\]', fh.read())
+  except OSError:
+    return 'unknown'
+  return mode.group(1) if mode else 'unknown'
+
+
+def host_memory() -> str:
+  """How the host backs large allocations: the kernel's transparent huge
+  page mode and GLIBC_TUNABLES. On CPU, XLA allocates each call's
+  temporaries anew (glibc serves blocks over 32 MiB with fresh mmap pages),
+  so a step first-touches all of them: 4 KiB pages fault once each, unless
+  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` asks for huge pages where the
+  mode is 'madvise'."""
+  return (f"transparent huge pages '{thp_mode()}', GLIBC_TUNABLES="
+          f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}")
