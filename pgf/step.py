@@ -221,11 +221,15 @@ def train_step(s: Setup, state: TrainState, batch, plan: sp.SparsityPlan,
         body, (grads, metrics), (rest, jnp.arange(1, accum)))
     grads = jax.tree.map(lambda g: g / accum, grads)
     metrics = jax.tree.map(lambda m: m / accum, metrics)
+  # The raw gradients' norm, passed as `after`: SR-STE's CPU kernel waits
+  # for it and then writes over the gradients instead of a copy of them.
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = s.tx.update(grads, state.opt_state, state.params,
-                                   step=state.step, plan=plan)
+                                   step=state.step, plan=plan,
+                                   after=grad_norm)
   params = optax.apply_updates(state.params, updates)
   out = {f'train/{k}': v for k, v in metrics.items()}
-  out['train/grad_norm'] = optax.tree.norm(grads)
+  out['train/grad_norm'] = grad_norm
   out['train/lr'] = s.lr_fn(state.step)
   out.update(s.sparsifier.step_metrics(values))
   if diagnose:

@@ -160,6 +160,32 @@ def test_sparse_work_writes_over_its_last_results():
     np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_srste_step_refills_its_gradients_in_place(monkeypatch):
+  """In pgf's SR-STE step on CPU the refill kernel writes over the
+  backward pass's gradient (an input-output alias), not over a copy of it
+  (the step's gradient norm, which reads it too, is passed as `after`). A
+  copy fused into the fusion that computes the gradient is no extra pass.
+  """
+  import re
+  monkeypatch.setenv('PGF_MASK_KERNEL', 'kernel')
+  bench = steps.Bench(memory.model_config('vit_mu', batch_size=4),
+                      stock_model=False)
+  row, = bench.add(steps.RowSpec('srste', 'srste', nm=(1, 4)))
+  text = row.compile_fn().as_text()
+  defined = dict(re.findall(r'^\s*(?:ROOT )?(%[\w.-]+) = (.*)$', text, re.M))
+  calls = [line for line in text.splitlines() if 'pgf_nm_refill' in line]
+  assert len(calls) == len(bench.setups['srste'].sparsifier.matched(row.plan))
+  for line in calls:
+    assert 'output_to_operand_aliasing={{}: (1, {})}' in line, line
+    g = re.search(r'custom-call\(([^)]*)\)', line).group(1).split(', ')[1]
+    assert ' copy(' not in defined[g], (g, defined[g])
+    fused = re.search(r'calls=(%[\w.-]+)', defined[g])
+    if fused:
+      body = text.split(f'\n{fused.group(1)} ', 1)[1].split('\n}', 1)[0]
+      ops = set(re.findall(r'= \S+ (\w[\w-]*)\(', body))
+      assert ops - {'parameter', 'bitcast', 'copy'}, (g, ops)
+
+
 def test_a_run_killed_after_its_rounds_keeps_them(tmp_path, monkeypatch):
   # The work timing comes after every round; a run that dies there (a
   # kill, a restart) must leave its timed rounds on disk, marked partial.

@@ -431,6 +431,66 @@ def test_srste_kernel_equals_xla_route(n, m, monkeypatch):
     assert _same_bits(got['kernel'], got['xla']), (n, m, layout)
 
 
+@pytest.mark.parametrize('n,m', [(1, 4), (2, 4), (8, 16), (4, 32), (8, 64),
+                                 (31, 32)], ids=lambda v: str(v))
+def test_srste_kernel_writes_over_a_donated_gradient(n, m, monkeypatch):
+  """Top K (N <= M - N) writes the refilled gradient over g's buffer, with
+  the tie rule in its one write pass: on hard groups (ties at the K-th key
+  in most columns) a donated g gives XLA's route's bits. Bottom K (31:32)
+  writes a new array."""
+  from pgf.sparsity import core
+  nm = NM(n, m)
+  axes, shape_fn = FUSED_LAYOUTS['dense_rows']
+  shape = shape_fn(m)
+  rng = np.random.default_rng(70 * m + n)
+  groups = _hard_groups(rng, int(np.prod(shape)) // m, m)
+  w = jnp.asarray(_ungroup(groups, shape, axes).astype(np.float32))
+  g = rng.normal(size=shape).astype(np.float32)
+  g.reshape(-1)[::3] = -0.0
+  # A function per route: jit's trace cache would give the second the
+  # first's trace.
+  route = lambda: (lambda g, w: core.srste_gradient(g, w, nm, axes, 2e-4))
+  monkeypatch.setenv('PGF_MASK_KERNEL', 'xla')
+  want = np.asarray(jax.jit(route())(g, w))
+  monkeypatch.setenv('PGF_MASK_KERNEL', 'kernel')
+  donated = jax.jit(route(), donate_argnums=0)
+  text = donated.lower(g, w).compile().as_text()
+  call = next(line for line in text.splitlines() if 'pgf_nm_refill' in line)
+  assert ('output_to_operand_aliasing' in call) == (n <= m - n), call
+  assert _same_bits(np.asarray(donated(jnp.asarray(g), w)), want), (n, m)
+
+
+def test_srste_kernel_waits_for_after_instead_of_copying(monkeypatch):
+  """A gradient read twice (the refill, a norm) gets copied before the
+  refill writes over it, unless the norm is passed as `after`: then XLA
+  computes it first and the kernel writes over the gradient itself."""
+  from pgf.sparsity import core
+  monkeypatch.setenv('PGF_MASK_KERNEL', 'kernel')
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(8, 64)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(8, 144)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(64, 144)), jnp.float32)
+
+  def fn(wait):
+    def step(x, y, w):
+      g = x.T @ y                               # A dot: no copy fuses in.
+      norm = jnp.sqrt(jnp.sum(g * g))
+      new = core.srste_gradient(g, w, NM(1, 4), (0,), 2e-4,
+                                after=norm if wait else None)
+      return new, norm
+    return step
+
+  got = {}
+  for wait in (False, True):
+    text = jax.jit(fn(wait)).lower(x, y, w).compile().as_text()
+    line = next(t for t in text.splitlines() if 'pgf_nm_refill' in t)
+    operand = line.split('custom-call(')[1].split(', ')[1]
+    assert operand.startswith('%copy') != wait, (wait, operand)
+    got[wait] = jax.jit(fn(wait))(x, y, w)
+  for a, b in zip(got[False], got[True]):
+    assert _same_bits(np.asarray(a), np.asarray(b))
+
+
 def test_effective_kernel_takes_the_fused_kernel(monkeypatch):
   """effective_kernel (recompute off, the Sparsifier) gets w_eff from the
   fused kernel: the same value and straight-through gradients as XLA's

@@ -501,7 +501,10 @@ def sparse_work_fn(s: step_lib.Setup, plan) -> Callable | None:
   (453 MiB of effective kernels at T5-Base) would page-fault on every call
   (36,000 minor faults a call on T5-Base's 72 FF kernels, 2026-12-07) and
   time the allocator instead of the work. `out=None` (a first call) makes
-  them.
+  them. The gradient transforms act on the previous call's transformed
+  gradients (the first call's: `grads`), donated as the step's gradients
+  are temporaries: SR-STE's CPU kernel writes over its input, which a
+  non-donated `grads` would make XLA copy on every call.
 
   Timing it measures the sparse step's overhead without the noise of
   timing two whole steps; what it leaves out are effects on the rest of
@@ -515,8 +518,10 @@ def sparse_work_fn(s: step_lib.Setup, plan) -> Callable | None:
   recompute = s.config.sparsity.recompute
   tx = sp.gradient_transform()
 
-  def work(params, grads, step, out):
-    del out   # Donated: the results reuse its buffers.
+  moved = []   # The paths whose gradients the transforms change.
+
+  def work(params, grads, step, last):
+    # `last` is donated: the results reuse its buffers.
     values = s.schedule.values(step)
     flat = trees.flatten(params)
     alphas = {p: jnp.asarray(values[matched[p][0].group]['alpha'],
@@ -538,11 +543,16 @@ def sparse_work_fn(s: step_lib.Setup, plan) -> Callable | None:
       out.append([core.kernel_from_bits(flat[p] * tie.astype(flat[p].dtype),
                                         b, alphas[p])
                   for p, b in zip(paths, bits)])
-    updates, _ = tx.update(grads, tx.init(params), params, step=step,
-                           plan=plan)
     given = trees.flatten(grads)
+    if last is not None:
+      given.update(zip(moved, last[-1]))
+    updates, _ = tx.update(trees.unflatten(given), tx.init(params), params,
+                           step=step, plan=plan)
     flat = trees.flatten(updates)
-    out.append([flat[p] for p in paths if flat[p] is not given[p]])
+    changed = [p for p in paths if flat[p] is not given[p]]
+    if last is None:
+      moved[:] = changed
+    out.append([flat[p] for p in changed])
     return out
 
   # keep_unused: an argument jit prunes would donate nothing.
@@ -552,6 +562,8 @@ def sparse_work_fn(s: step_lib.Setup, plan) -> Callable | None:
     if out is None:
       shapes = jax.eval_shape(work, params, grads, step, None)
       out = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+      given = trees.flatten(grads)
+      out[-1] = [jnp.array(given[p], copy=True) for p in moved]
     return jitted(params, grads, step, out)
 
   return call

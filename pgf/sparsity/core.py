@@ -380,8 +380,8 @@ def _fused_pack(w: jax.Array, nm: NM, axes: tuple[int, ...]) -> str | None:
 
 
 def srste_gradient(g: jax.Array, w: jax.Array, nm: NM, axes: Sequence[int],
-                   lam: jax.Array | float, *, name: str = 'kernel'
-                   ) -> jax.Array:
+                   lam: jax.Array | float, *, name: str = 'kernel',
+                   after: jax.Array | None = None) -> jax.Array:
   """SR-STE's gradient of a kernel: g + lam * (1 - m) * w, m = w's N:M mask
   (Zhou et al. 2021; `transforms.srste_refill` applies it).
 
@@ -389,7 +389,10 @@ def srste_gradient(g: jax.Array, w: jax.Array, nm: NM, axes: Sequence[int],
   major axis and K = min(N, M - N) up to _REFILL_MAX_K take one CPU kernel
   (`mask_kernel.refill`): it reads each group of w once and g once and
   writes the result, where XLA's route writes a bool mask and reads it back
-  beside g and w. Both give the same array bit for bit.
+  beside g and w. Both give the same array bit for bit. Where N <= M - N
+  the kernel writes over g's buffer; `after` (a scalar the kernel waits
+  for, such as a norm of the raw gradients) lets XLA do so without copying
+  g for that other reader (`mask_kernel.refill`).
   """
   lam = jnp.asarray(lam, g.dtype)
   axes = check_groupable(w.shape, nm, axes, name=name)
@@ -409,8 +412,8 @@ def srste_gradient(g: jax.Array, w: jax.Array, nm: NM, axes: Sequence[int],
 
   def cpu(g, w, lam):
     view = group_view(w.shape, nm.m, axes)
-    return mask_kernel.refill(g.reshape(view), w.reshape(view), nm.n,
-                              lam).reshape(w.shape)
+    return mask_kernel.refill(g, w.reshape(view), nm.n, lam,
+                              0.0 if after is None else after)
 
   return jax.lax.platform_dependent(g, w, lam, cpu=cpu, default=xla)
 

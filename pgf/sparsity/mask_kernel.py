@@ -151,7 +151,8 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
   vector; the strip starts at a multiple of 16 columns, ba points to its
   first half).
   out 'refill' (float32): SR-STE's gradient g + (mask ? 0 : alpha w) at oa
-  (row stride os), g at ba (row stride bs), alpha = lambda."""
+  (row stride os), g at ba (row stride bs), alpha = lambda; top K may write
+  over g (oa = ba: one write pass with the tie rule, see `_group`)."""
   bits, magnitude, cap = _DTYPES[dtype]
   fused = out != 'mask'
   assert out in OUTPUTS and (not fused or dtype == 'float32')
@@ -274,7 +275,7 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
         obase = builder.add(oa, builder.mul(os_, first))
         _group(builder, k, top, u, m, base, obase, first, raw, key, keys,
                write, held_bits, restore_bits, state, smax, smin, splat,
-               const, ivec)
+               const, ivec, once=out == 'refill' and top)
 
     def codegen(context, builder, signature, args):
       del signature
@@ -287,9 +288,13 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
 
 
 def _group(builder, k, top, u, m, base, obase, first, raw, key, keys, write,
-           held_bits, restore_bits, state, smax, smin, splat, const, ivec):
+           held_bits, restore_bits, state, smax, smin, splat, const, ivec,
+           once=False):
   """The selection and the write pass of one group of m rows (held_bits
-  and restore_bits: the 'rows' bits not yet stored, read and put back)."""
+  and restore_bits: the 'rows' bits not yet stored, read and put back).
+  `once`: the write pass applies the tie rule from the start and never
+  writes a group twice (top K only), so an output written over its input
+  (SR-STE's refill over g) reads each input row before writing it."""
   if k == 1:
     best = state(-1 if top else 0x7FFFFFFF)
     at = state(0)
@@ -429,6 +434,9 @@ def _group(builder, k, top, u, m, base, obase, first, raw, key, keys, write,
         flags.append(chosen if top else builder.not_(chosen))
       write(builder.add(first, r), obase, r, xs, flags)
 
+  if once:
+    write_pass(True)
+    return
   write_pass(False)
   over = ir.Constant(ir.IntType(LANES), 0)
   for v in range(u):
@@ -683,13 +691,27 @@ def kernel_and_bits(g: jax.Array, n: int, alpha: jax.Array, after: jax.Array,
               jnp.asarray(after).reshape(()))
 
 
-def refill(g: jax.Array, w: jax.Array, n: int, lam: jax.Array) -> jax.Array:
-  """SR-STE's gradient g + lam * (1 - mask) * w of float32 (..., A, M, B)
-  views (groups along axis -2) in one pass: `srste_refill` without the bool
-  mask between its two passes."""
+def refill(g: jax.Array, w: jax.Array, n: int, lam: jax.Array,
+           after: jax.Array | float = 0.0) -> jax.Array:
+  """SR-STE's gradient g + lam * (1 - mask) * w of a float32 (..., A, M, B)
+  view w (groups along axis -2) in one pass, in g's shape (any shape of
+  w's row-major layout, such as the kernel's own: a reshape there would
+  make XLA copy g before writing over it): `srste_refill` without the bool
+  mask between its two passes.
+
+  Where N <= M - N the result is written over g's buffer (an XLA
+  input-output alias; the kernel reads each row of g before writing it and
+  writes it once): in a step, whose gradients are temporaries, that saves
+  a buffer and the reads for ownership of fresh lines. Where g is read
+  elsewhere, XLA copies it first unless those reads come before the call:
+  `after`, a scalar, is only waited for (as in `kernel_and_bits`); a
+  function of g passed there (the step's gradient norm) is computed first
+  and needs no copy."""
   m = w.shape[-2]
   k = min(n, m - n)
   call = jax.ffi.ffi_call(
       refill_target(k, n == k, w.size >= PARALLEL_ELEMENTS),
-      jax.ShapeDtypeStruct(w.shape, jnp.float32), vmap_method='broadcast_all')
-  return call(w, g, jnp.asarray(lam, jnp.float32))
+      jax.ShapeDtypeStruct(g.shape, jnp.float32), vmap_method='broadcast_all',
+      input_output_aliases={1: 0} if n == k else None)
+  return call(w, g, jnp.asarray(lam, jnp.float32),
+              jnp.asarray(after).reshape(()))

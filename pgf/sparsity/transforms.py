@@ -10,7 +10,10 @@ AdamW):
   updates, opt_state = tx.update(grads, opt_state, params, step=step)
 
 `plan=` (the static SparsityPlan of the step) may be passed too; without it
-the plan is chosen inside the computation (`Sparsifier.switch`). The masks
+the plan is chosen inside the computation (`Sparsifier.switch`). `after=`,
+a scalar computed from the raw gradients (the step passes its gradient
+norm), is waited for by SR-STE's CPU kernel, which then writes over the
+gradient's buffer without XLA copying it for that reader. The masks
 they need are recomputed from `params` (the same pure function of the same
 weights the forward pass used), so no mask is carried from the forward pass
 to the optimizer. Parameters that are not sparse kernels pass through
@@ -35,10 +38,11 @@ from pgf.sparsity.masks import nm_mask
 def _transform(sparsifier, uses: Callable, fn: Callable, name: str
                ) -> optax.GradientTransformationExtraArgs:
   """A stateless transform applying fn(g, w, rule, axes, path, group
-  values) at every sparse kernel whose group `uses(group_spec)`."""
+  values, after) at every sparse kernel whose group `uses(group_spec)`."""
   groups = {g.name for g in sparsifier.schedule.sparse_groups if uses(g)}
 
-  def update_fn(updates, state, params=None, *, step=None, plan=None, **_):
+  def update_fn(updates, state, params=None, *, step=None, plan=None,
+                after=None, **_):
     if not groups:
       return updates, state
     if params is None or step is None:
@@ -51,7 +55,7 @@ def _transform(sparsifier, uses: Callable, fn: Callable, name: str
       for path, (rule, axes) in sparsifier.matched(p).items():
         if rule.group in groups:
           flat_u[path] = fn(flat_u[path], flat_w[path], rule, axes, path,
-                            values[rule.group])
+                            values[rule.group], after)
       return trees.unflatten(flat_u)
 
     if plan is not None:
@@ -71,7 +75,8 @@ def decaying_mask_flow(sparsifier) -> optax.GradientTransformationExtraArgs:
   autodiff of w * (m + (1 - m) alpha) gives). Groups with the default
   'straight_through' (the authors' released code) are left alone."""
 
-  def fn(g, w, rule, axes, path, vals):
+  def fn(g, w, rule, axes, path, vals, after):
+    del after
     mask = nm_mask(w, rule.nm, axes, name=path)
     return jnp.where(mask, g, g * vals['grad_scale'].astype(g.dtype))
 
@@ -83,9 +88,9 @@ def srste_refill(sparsifier) -> optax.GradientTransformationExtraArgs:
   """SR-STE: adds lambda * (1 - m) * w to the raw gradient (Zhou et al.
   2021), lambda from the schedule (0 outside the sparse phase)."""
 
-  def fn(g, w, rule, axes, path, vals):
+  def fn(g, w, rule, axes, path, vals, after):
     return core.srste_gradient(g, w, rule.nm, axes, vals['srste_lambda'],
-                               name=path)
+                               name=path, after=after)
 
   return _transform(sparsifier, lambda g: g.recipe_def.refill, fn,
                     'srste_refill')
