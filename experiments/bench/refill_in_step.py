@@ -9,12 +9,14 @@ sparse work times that refill materialised, but in the step its output only
 feeds the optimizer's own passes over the gradient (clipping's norm, the
 update), into which XLA can fuse an elementwise refill. This times the
 step's update alone, `tx.update` and `apply_updates` over the model's
-parameters (jitted, parameters and optimizer state donated as in the step),
-for the config's optimizer chain with the FF kernels at --pattern:
+parameters (jitted, parameters and optimizer state donated as in the step;
+the gradients made temporaries inside, as in the step: a product by a
+traced 1 behind an optimization barrier, one pass every route pays), for
+the config's optimizer chain with the FF kernels at --pattern:
 
   ste          STE: no refill (what the SR-STE rows are compared with)
   srste_kernel SR-STE, the refill from the CPU kernel (`mask_kernel.refill`:
-               one pass reading w and g, writing the new gradient)
+               one pass reading w and g, writing the new gradient over g)
   srste_xla    SR-STE, the refill as XLA ops on nm_mask's mask (on one CPU
                device the CPU mask kernel), fused into the optimizer
 
@@ -31,6 +33,16 @@ call), while in the whole step (`pgf.bench.steps`) both need 1,805 MiB and
 whole T5-Base batch-1 steps of STE and SR-STE took 1.027x and 1.029x dense
 (`steps_cpu_xeon_t5_base_b1_ste_srste.md`). So an update timed alone
 overstates the refill; it cannot settle which route is cheaper in a step.
+
+Since 1d1945d the kernel writes over g. Given the gradients as a donated
+argument (as before) XLA copied each of them first, an argument not being
+an output: STE 1,035 ms, the kernel route +644, XLA's +211 (9 samples,
+21:56 UTC). With the gradients as temporaries (this version, 22:02 UTC, 9
+samples): STE 1,046 ms, the kernel route +251, XLA's +268, still four to
+six times the refill's pass alone (37-58 ms in `pgf.bench.steps`' work at
+T5-Base batch 1), while whole steps at 1:16 put SR-STE's overhead 71 ms
+over STE's (`steps_cpu_xeon_t5_base_b1_ste_srste_inplace.md`, noisy).
+Where the rest of the update's difference comes from is not known.
 """
 
 from __future__ import annotations
@@ -53,11 +65,17 @@ from pgf.sparsity import core
 
 
 def _update_fn(s, plan):
-  def update(params, opt_state, grads, step):
+  def update(params, opt_state, grads, step, one):
+    # The gradients as the step has them: materialised temporaries (here
+    # a product by a traced 1 behind a barrier, the same pass for every
+    # route), which SR-STE's CPU kernel may write over; an argument it
+    # would copy first.
+    grads = jax.lax.optimization_barrier(
+        jax.tree.map(lambda g: g * one, grads))
     updates, opt_state = s.tx.update(grads, opt_state, params, step=step,
                                      plan=plan)
     return optax.apply_updates(params, updates), opt_state
-  return jax.jit(update, donate_argnums=(0, 1, 2))
+  return jax.jit(update, donate_argnums=(0, 1))
 
 
 def main():
@@ -91,21 +109,20 @@ def main():
   for name, max_k in (('srste_kernel', 32), ('srste_xla', 0)):
     core._REFILL_MAX_K = max_k            # Read when the update is traced.
     fn = _update_fn(s, plan)
-    text = fn.lower(params, opt_state, grads, step).as_text()  # Traced now.
+    text = fn.lower(params, opt_state, grads, step, 1.0).as_text()  # Traced.
     print(f'{name}: {text.count("pgf_nm_refill")} refill kernel calls, '
           f'{text.count("pgf_nm_mask")} mask kernel calls', flush=True)
     fns[name] = fn
   core._REFILL_MAX_K = limit
   carry = {'params': params, 'opt_state': opt_state}
-  copy = jax.jit(lambda g: jax.tree.map(jnp.copy, g))
+  one = jnp.float32(1)
 
   def sample(fn):
-    """ms of one update on a fresh copy of the gradients (donated: in the
-    step they are temporaries whose buffers the update may reuse)."""
-    fresh = jax.block_until_ready(copy(grads))
+    """ms of one update."""
     start = time.perf_counter()
     carry['params'], carry['opt_state'] = fn(carry['params'],
-                                             carry['opt_state'], fresh, step)
+                                             carry['opt_state'], grads, step,
+                                             one)
     jax.block_until_ready(carry['params'])
     return 1e3 * (time.perf_counter() - start)
 
