@@ -222,7 +222,9 @@ def train_step(s: Setup, state: TrainState, batch, plan: sp.SparsityPlan,
     grads = jax.tree.map(lambda g: g / accum, grads)
     metrics = jax.tree.map(lambda m: m / accum, metrics)
   # The raw gradients' norm, passed as `after`: SR-STE's CPU kernel waits
-  # for it and then writes over the gradients instead of a copy of them.
+  # for it and then writes over the gradients. Without it XLA copies a
+  # gradient that is a dot's own output for the norm's read (a gradient a
+  # fusion makes, as in pgf's layers, gets the copy fused in either way).
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = s.tx.update(grads, state.opt_state, state.params,
                                    step=state.step, plan=plan,
