@@ -42,7 +42,12 @@ samples): STE 1,046 ms, the kernel route +251, XLA's +268, still four to
 six times the refill's pass alone (37-58 ms in `pgf.bench.steps`' work at
 T5-Base batch 1), while whole steps at 1:16 put SR-STE's overhead 71 ms
 over STE's (`steps_cpu_xeon_t5_base_b1_ste_srste_inplace.md`, noisy).
-Where the rest of the update's difference comes from is not known.
+The faults per call (printed since 22:11 UTC) say where most of it goes:
+STE's update alone needs 1,270 MiB of XLA temporaries and faults 349,000
+times a call, SR-STE's 2,134 MiB and 570,000 times (+864 MiB first-touched
+on every call; +390 and +457 ms in that run), while in the whole step
+both need 1,805-1,806 MiB and fault 463,000 times a step. So the update
+alone still times the allocator, not the refill.
 """
 
 from __future__ import annotations
@@ -117,13 +122,17 @@ def main():
   carry = {'params': params, 'opt_state': opt_state}
   one = jnp.float32(1)
 
+  faults = {}
+
   def sample(fn):
-    """ms of one update."""
+    """ms of one update (its minor page faults kept in `faults`)."""
+    before = timing.minor_faults()
     start = time.perf_counter()
     carry['params'], carry['opt_state'] = fn(carry['params'],
                                              carry['opt_state'], grads, step,
                                              one)
     jax.block_until_ready(carry['params'])
+    faults.setdefault(fn, []).append(timing.minor_faults() - before)
     return 1e3 * (time.perf_counter() - start)
 
   ms = {name: [] for name in fns}
@@ -136,11 +145,15 @@ def main():
   print(f'{args.config} FF {args.pattern}, optimizer update alone, '
         f'{timing.cpu_name()}, JAX {jax.__version__}, {args.repeats} '
         'interleaved samples of one call')
-  print(f'{"route":14s} {"ms min / median":>18s} {"- ste ms (paired)":>18s}')
+  print(f'{"route":14s} {"ms min / median":>18s} {"- ste ms (paired)":>18s}'
+        f' {"faults / call":>14s} {"temp MiB":>9s}')
   for name, xs in ms.items():
     diff = statistics.median(a - b for a, b in zip(xs, ms['ste']))
+    temp = fns[name].lower(params, opt_state, grads, step, 1.0).compile(
+        ).memory_analysis().temp_size_in_bytes / 2**20
     print(f'{name:14s} {min(xs):8.1f} / {statistics.median(xs):7.1f} '
-          f'{diff:+18.1f}')
+          f'{diff:+18.1f} {statistics.median(faults[fns[name]]):14,.0f} '
+          f'{temp:9,.0f}')
 
 
 if __name__ == '__main__':
