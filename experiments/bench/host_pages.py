@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 
+from pgf.bench import steps as bench_steps
 from pgf.bench import timing
 
 SETTINGS = {'4 KiB pages (default)': None,
@@ -58,7 +59,7 @@ def main():
   args = p.parse_args()
   samples = {k: {} for k in SETTINGS}
   faults = {k: {} for k in SETTINGS}
-  load_before = 'load average %.2f %.2f %.2f' % os.getloadavg()
+  load_before = bench_steps.load_text()
   with tempfile.TemporaryDirectory() as tmp:
     for i in range(args.pairs):
       for name, tunables in SETTINGS.items():
@@ -76,7 +77,7 @@ def main():
       f"Device: {meta['device']}; transparent huge pages: "
       f"'{timing.thp_mode()}'  ",
       f"Load: {load_before} before, "
-      f"{'load average %.2f %.2f %.2f' % os.getloadavg()} after  ",
+      f"{bench_steps.load_text()} after  ",
       f"JAX {meta['jax']}; batch {meta['batch_size']}; float32; "
       f"{args.pairs} processes per setting, alternating, {args.rounds} "
       f"rounds of one step per row each", '',
