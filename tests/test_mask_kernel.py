@@ -85,6 +85,29 @@ def test_kernel_plateaus_keep_the_first(n):
   np.testing.assert_array_equal(got[:m, 0], np.arange(m) < n)
 
 
+@pytest.mark.parametrize('n,m', [(6, 8), (13, 16), (61, 64), (8, 64)])
+def test_kernel_caps_infinite_keys_before_the_write_pass(n, m):
+  """Keys are capped at the largest finite value's bits (inf and NaN tie
+  with it), but the selection and the first write pass compare uncapped
+  magnitudes. Every column here has K magnitudes at most the cap (K - 1 of
+  them the largest finite value, in rows that move with the column) and
+  the rest inf or NaN, so the K-th key is the cap and a count of uncapped
+  magnitudes would not see the ties with it; the second group has finite
+  keys as well."""
+  k = min(n, m - n)
+  w = np.full((2 * m, 32), np.inf, np.float32)
+  w[1::3, :] = -np.nan
+  rng = np.random.default_rng(m + n)
+  for j in range(32):
+    rows = rng.permutation(m)[:k]
+    w[rows[:-1], j] = np.finfo(np.float32).max * (-1) ** j
+    w[rows[-1], j] = 0.5 + j
+  w[m:] = np.where(rng.random((m, 32)) < 0.5, w[m:],
+                   rng.normal(size=(m, 32)).astype(np.float32))
+  got = np.asarray(nm_mask(jnp.asarray(w), NM(n, m), impl='kernel'))
+  np.testing.assert_array_equal(got, nm_mask_reference(w, NM(n, m)))
+
+
 def test_kernel_large_kernel_runs_in_parallel_and_equals_reference():
   """A ViT-B FF kernel (768 x 3072: past PARALLEL_ELEMENTS, so the strips
   run on all cores) at the authors' 1:32 and an SdGf frame."""
