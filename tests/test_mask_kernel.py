@@ -108,6 +108,26 @@ def test_kernel_caps_infinite_keys_before_the_write_pass(n, m):
   np.testing.assert_array_equal(got, nm_mask_reference(w, NM(n, m)))
 
 
+@pytest.mark.parametrize('n,m,dtype', [(8, 128, jnp.float32),
+                                        (120, 128, jnp.float32),
+                                        (16, 96, jnp.bfloat16),
+                                        (3, 80, jnp.float32)])
+def test_kernel_phased_selection_equals_reference(n, m, dtype):
+  """Groups of PHASE_FROM rows and more: the selection a phase of rows at a
+  time over a block of strips, their lists kept in memory. Rows of two
+  blocks, the second part full (1072 = 33 wide strips of 32 float32 columns
+  and one narrow strip), hard groups in each."""
+  from pgf.sparsity import mask_kernel
+  k = min(n, m - n)
+  assert m >= mask_kernel.PHASE_FROM and 1 < k <= mask_kernel.PHASED_K
+  shape = (2 * m, 1072)
+  rng = np.random.default_rng(m + n)
+  w = _ungroup(_hard_groups(rng, 2 * 1072, m), shape, 0)
+  w = np.asarray(jnp.asarray(w.astype(np.float32), dtype))
+  got = np.asarray(nm_mask(jnp.asarray(w), NM(n, m), impl='kernel'))
+  np.testing.assert_array_equal(got, nm_mask_reference(w, NM(n, m)))
+
+
 def test_kernel_large_kernel_runs_in_parallel_and_equals_reference():
   """A ViT-B FF kernel (768 x 3072: past PARALLEL_ELEMENTS, so the strips
   run on all cores) at the authors' 1:32 and an SdGf frame."""

@@ -26,22 +26,23 @@ sorted list of K rounded up to a power of two, S: each chunk of S rows is
 sorted by Batcher's network and merged into it by a bitonic merge; the
 first chunk is the list, and where K = S the last one is not merged, only
 its bitonic list's worst key taken), then write the strip's outputs while
-the rows are still in L1 (for K = 1 they keep the index of the best key
-and only write). Keys are the IEEE bits of |w| (inf and NaN capped at the
-largest finite value), as in `nm_mask`; for K > 1 the lists hold the
-magnitudes uncapped and T is capped once at the end (the K-th of the
-capped keys is the capped K-th magnitude), and the first write pass
-compares magnitudes with T, so only a group written again for ties caps
-its rows (on one core, 768x3072, 2026-12-07: 8:256 0.53 instead of 0.56
-ns a weight, 8:16 0.28 / 0.31, 8:64 and 8:128 3-4 % less, 32:64 the
-same). Ties keep the lower index: the
-write pass takes the keys at least as good as the K-th, T, and counts them;
-only a group where a column took more than K (keys equal to T past the
-K-th) is written again, keeping the first equal ones (dropping the last,
-when K counts dropped weights). On one core of the 2-core Xeon (768x3072,
-`mask`, 2026-12-07, interleaved with the kernels before), 16:32 took 0.37
-instead of 0.49 ns a weight, 8:16 0.28 / 0.35, 2:4 0.21 / 0.25, 8:256
-0.52 / 0.59, 8:64 and 8:128 as before (0.35-0.41).
+the rows are still in L1 (for K = 1 they keep the index of the best key and
+only write; the mask of groups of 64 rows and more at 1 < K <= 16 runs the
+selection a phase of rows at a time over a block of strips,
+`_PHASED_DRIVER_SOURCE`). Keys are the IEEE bits of |w| (inf and NaN capped
+at the largest finite value), as in `nm_mask`; for K > 1 the lists hold the
+magnitudes uncapped and T is capped once at the end (the K-th of the capped
+keys is the capped K-th magnitude), and the first write pass compares
+magnitudes with T, so only a group written again for ties caps its rows (on
+one core, 768x3072, 2026-12-07: 8:256 0.53 instead of 0.56 ns a weight,
+8:16 0.28 / 0.31, 8:64 and 8:128 3-4 % less, 32:64 the same). Ties keep the
+lower index: the write pass takes the keys at least as good as the K-th, T,
+and counts them; only a group where a column took more than K (keys equal
+to T past the K-th) is written again, keeping the first equal ones
+(dropping the last, when K counts dropped weights). On one core of the
+2-core Xeon (768x3072, `mask`, 2026-12-07, interleaved with the kernels
+before), 16:32 took 0.37 instead of 0.49 ns a weight, 8:16 0.28 / 0.35, 2:4
+0.21 / 0.25, 8:256 0.52 / 0.59, 8:64 and 8:128 as before (0.35-0.41).
 
 The vectors are LLVM's generic vector types (`<16 x i32>`), so the kernels
 are portable: the compiler splits them to the CPU's registers (one AVX-512
@@ -64,6 +65,7 @@ import jax.numpy as jnp  # noqa: E402
 from llvmlite import ir  # noqa: E402
 import numba  # noqa: E402
 from numba.core import cgutils  # noqa: E402
+import numpy as np  # noqa: E402
 
 from pgf import numba_ffi  # noqa: E402
 from pgf.sparsity import masks  # noqa: E402
@@ -98,6 +100,12 @@ PARALLEL_ELEMENTS = 1 << 18
 # 1, 2 and 4 strips ahead were within 5 % of each other at 8:64;
 # prefetching the outputs' lines for writing as well was 10 % slower.
 PREFETCH_AHEAD = 2
+# K > 1 up to PHASED_K, groups of PHASE_FROM rows and more: the selection a
+# phase of rows at a time over a block of strips (_PHASED_DRIVER_SOURCE).
+PHASED_K = 16
+PHASE_FROM = 64
+PHASE_ROWS = 32
+BLOCK_BYTES = 4096
 
 # dtype -> (bits per weight, magnitude bits, cap): the keys of `nm_mask`
 # (the cap: the largest finite value's bits for float32, the infinity's for
@@ -144,7 +152,8 @@ def _prefetch_rows(addr, rows, stride, nbytes):
       _prefetch(addr + r * stride + j)
 
 
-def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
+def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str,
+                phase: str | None = None):
   """An intrinsic: strip(wa, oa, ba, m, ws, os, bs, count, alpha), addresses
   and strides (bytes) as int64, alpha float32: the output of u * LANES
   columns of `count` consecutive groups of m rows.
@@ -158,139 +167,156 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
   first half).
   out 'refill' (float32): SR-STE's gradient g + (mask ? 0 : alpha w) at oa
   (row stride os), g at ba (row stride bs), alpha = lambda; top K may write
-  over g (oa = ba: one write pass with the tie rule, see `_group`)."""
+  over g (oa = ba: one write pass with the tie rule, see `_group`).
+
+  phase 'select' / 'finish' (K > 1, count 1): three more arguments, row0,
+  row1 and saved (the address of the strip's lists): 'select' merges the
+  rows [row0, row1) into the lists at saved (row0 0: starts them) and
+  writes nothing; 'finish' takes the lists from saved and does the rest
+  (`_group`)."""
   bits, magnitude, cap = _DTYPES[dtype]
   fused = out != 'mask'
   assert out in OUTPUTS and (not fused or dtype == 'float32')
 
+  i64 = numba.types.int64
+  sig = numba.types.void(*[i64] * 8, numba.types.float32,
+                         *([i64] * 3 if phase else []))
+
+  def emit(builder, args):
+    wa, oa, ba, m, ws, os_, bs, count, alpha = args[:9]
+    phase_args = args[9:]
+    word = ir.IntType(64)
+    ivec = ir.VectorType(ir.IntType(32), LANES)
+    fvec = ir.VectorType(ir.FloatType(), LANES)
+    lvec = ir.VectorType(ir.IntType(bits), LANES)
+    bvec = ir.VectorType(ir.IntType(8), LANES)
+    splat = lambda v: ir.Constant(ivec, [v] * LANES)
+    const = lambda v: ir.Constant(word, v)
+
+    def smax(a, b):
+      return builder.select(builder.icmp_signed('>', a, b), a, b)
+
+    def smin(a, b):
+      return builder.select(builder.icmp_signed('<', a, b), a, b)
+
+    def state(init):
+      slots = []
+      for _ in range(u):
+        slot = cgutils.alloca_once(builder, ivec)
+        builder.store(splat(init), slot)
+        slots.append(slot)
+      return slots
+
+    def ptr(base, stride, r, offset, ty):
+      addr = builder.add(builder.add(base, builder.mul(stride, r)),
+                         const(offset))
+      return builder.inttoptr(addr, ty.as_pointer())
+
+    def raw(base, r):
+      """The u vectors of row r of the group at `base`, as loaded."""
+      return [builder.load(ptr(base, ws, r, v * LANES * bits // 8, lvec),
+                           align=bits // 8) for v in range(u)]
+
+    def magnitude_bits(x):
+      if bits != 32:
+        x = builder.zext(x, ivec)
+      return builder.and_(x, splat(magnitude))
+
+    def key(x):
+      return smin(magnitude_bits(x), splat(cap))
+
+    def keys(base, r, capped=True):
+      return [(key if capped else magnitude_bits)(x) for x in raw(base, r)]
+
+    acc = []   # 'rows': the bits of the word being filled, per vector.
+    if fused:
+      scale = builder.insert_element(ir.Constant(fvec, ir.Undefined),
+                                     alpha, ir.Constant(ir.IntType(32), 0))
+      scale = builder.shuffle_vector(scale, ir.Constant(fvec, ir.Undefined),
+                                     ir.Constant(ivec, [0] * LANES))
+      if out == 'rows':
+        acc = state(0)
+      # Rows are visited in order, except where ties drop the last equal
+      # keys (K > 1, bottom); a word of 'rows' bits is stored after the
+      # last of its rows visited.
+      backward = k > 1 and not top
+      if backward:
+        at32 = builder.icmp_unsigned('>=', m, const(32))
+        last = builder.select(at32, const(0), builder.sub(const(32), m))
+      else:
+        last = const(31)
+
+    def write(block_row, obase, r, xs, flags):
+      """Writes row r of the group at obase (block row `block_row`)."""
+      if not fused:
+        for v in range(u):
+          builder.store(builder.zext(flags[v], bvec),
+                        ptr(obase, os_, r, v * LANES, bvec), align=1)
+        return
+      if out == 'refill':   # g + (mask ? 0 : lambda w), as srste_refill.
+        zero = ir.Constant(fvec, [0.0] * LANES)
+        for v in range(u):
+          g = builder.load(ptr(ba, bs, block_row, v * LANES * 4, fvec),
+                           align=4)
+          x = builder.fmul(scale, builder.bitcast(xs[v], fvec))
+          builder.store(builder.fadd(g, builder.select(flags[v], zero, x)),
+                        ptr(obase, os_, r, v * LANES * 4, fvec), align=4)
+        return
+      for v in range(u):   # Kept weights as they are (no product by 1).
+        x = builder.bitcast(xs[v], fvec)
+        builder.store(builder.select(flags[v], x, builder.fmul(x, scale)),
+                      ptr(obase, os_, r, v * LANES * 4, fvec), align=4)
+      if out == 'cols':
+        half = ir.IntType(LANES)
+        for v in range(u):
+          builder.store(builder.bitcast(flags[v], half),
+                        ptr(ba, bs, block_row, 2 * v, half), align=2)
+        return
+      pos = builder.and_(block_row, const(31))
+      bit = _splat(builder, builder.shl(const(1), pos))
+      for v in range(u):
+        held = builder.load(acc[v])
+        builder.store(builder.select(flags[v], builder.or_(held, bit),
+                                     held), acc[v])
+      with builder.if_then(builder.icmp_unsigned('==', pos, last)):
+        wrow = builder.lshr(block_row, const(5))
+        for v in range(u):
+          builder.store(builder.load(acc[v]),
+                        ptr(ba, bs, wrow, v * LANES * 4, ivec), align=4)
+          builder.store(splat(0), acc[v])
+
+    def held_bits():
+      return [builder.load(a) for a in acc]
+
+    def restore_bits(held):
+      for slot, h in zip(acc, held):
+        builder.store(h, slot)
+
+    with cgutils.for_range(builder, count) as group:
+      first = builder.mul(group.index, m)
+      base = builder.add(wa, builder.mul(ws, first))
+      obase = builder.add(oa, builder.mul(os_, first))
+      _group(builder, k, top, u, m, base, obase, first, raw, key, keys,
+             magnitude_bits, cap, write, held_bits, restore_bits, state,
+             smax, smin, splat, const, ivec, once=out == 'refill' and top,
+             phase=phase, phase_args=phase_args)
+
+  def codegen(context, builder, signature, args):
+    del signature
+    emit(builder, args)
+    return context.get_dummy_value()
+
+  if phase:
+    @numba.extending.intrinsic
+    def phased_strip(typingctx, wa, oa, ba, m, ws, os_, bs, count, alpha, row0,
+                     row1, saved):
+      del typingctx
+      return sig, codegen
+    return phased_strip
+
   @numba.extending.intrinsic
   def strip(typingctx, wa, oa, ba, m, ws, os_, bs, count, alpha):
     del typingctx
-    i64 = numba.types.int64
-    sig = numba.types.void(*[i64] * 8, numba.types.float32)
-
-    def emit(builder, args):
-      wa, oa, ba, m, ws, os_, bs, count, alpha = args
-      word = ir.IntType(64)
-      ivec = ir.VectorType(ir.IntType(32), LANES)
-      fvec = ir.VectorType(ir.FloatType(), LANES)
-      lvec = ir.VectorType(ir.IntType(bits), LANES)
-      bvec = ir.VectorType(ir.IntType(8), LANES)
-      splat = lambda v: ir.Constant(ivec, [v] * LANES)
-      const = lambda v: ir.Constant(word, v)
-
-      def smax(a, b):
-        return builder.select(builder.icmp_signed('>', a, b), a, b)
-
-      def smin(a, b):
-        return builder.select(builder.icmp_signed('<', a, b), a, b)
-
-      def state(init):
-        slots = []
-        for _ in range(u):
-          slot = cgutils.alloca_once(builder, ivec)
-          builder.store(splat(init), slot)
-          slots.append(slot)
-        return slots
-
-      def ptr(base, stride, r, offset, ty):
-        addr = builder.add(builder.add(base, builder.mul(stride, r)),
-                           const(offset))
-        return builder.inttoptr(addr, ty.as_pointer())
-
-      def raw(base, r):
-        """The u vectors of row r of the group at `base`, as loaded."""
-        return [builder.load(ptr(base, ws, r, v * LANES * bits // 8, lvec),
-                             align=bits // 8) for v in range(u)]
-
-      def magnitude_bits(x):
-        if bits != 32:
-          x = builder.zext(x, ivec)
-        return builder.and_(x, splat(magnitude))
-
-      def key(x):
-        return smin(magnitude_bits(x), splat(cap))
-
-      def keys(base, r, capped=True):
-        return [(key if capped else magnitude_bits)(x) for x in raw(base, r)]
-
-      acc = []   # 'rows': the bits of the word being filled, per vector.
-      if fused:
-        scale = builder.insert_element(ir.Constant(fvec, ir.Undefined),
-                                       alpha, ir.Constant(ir.IntType(32), 0))
-        scale = builder.shuffle_vector(scale, ir.Constant(fvec, ir.Undefined),
-                                       ir.Constant(ivec, [0] * LANES))
-        if out == 'rows':
-          acc = state(0)
-        # Rows are visited in order, except where ties drop the last equal
-        # keys (K > 1, bottom); a word of 'rows' bits is stored after the
-        # last of its rows visited.
-        backward = k > 1 and not top
-        if backward:
-          at32 = builder.icmp_unsigned('>=', m, const(32))
-          last = builder.select(at32, const(0), builder.sub(const(32), m))
-        else:
-          last = const(31)
-
-      def write(block_row, obase, r, xs, flags):
-        """Writes row r of the group at obase (block row `block_row`)."""
-        if not fused:
-          for v in range(u):
-            builder.store(builder.zext(flags[v], bvec),
-                          ptr(obase, os_, r, v * LANES, bvec), align=1)
-          return
-        if out == 'refill':   # g + (mask ? 0 : lambda w), as srste_refill.
-          zero = ir.Constant(fvec, [0.0] * LANES)
-          for v in range(u):
-            g = builder.load(ptr(ba, bs, block_row, v * LANES * 4, fvec),
-                             align=4)
-            x = builder.fmul(scale, builder.bitcast(xs[v], fvec))
-            builder.store(builder.fadd(g, builder.select(flags[v], zero, x)),
-                          ptr(obase, os_, r, v * LANES * 4, fvec), align=4)
-          return
-        for v in range(u):   # Kept weights as they are (no product by 1).
-          x = builder.bitcast(xs[v], fvec)
-          builder.store(builder.select(flags[v], x, builder.fmul(x, scale)),
-                        ptr(obase, os_, r, v * LANES * 4, fvec), align=4)
-        if out == 'cols':
-          half = ir.IntType(LANES)
-          for v in range(u):
-            builder.store(builder.bitcast(flags[v], half),
-                          ptr(ba, bs, block_row, 2 * v, half), align=2)
-          return
-        pos = builder.and_(block_row, const(31))
-        bit = _splat(builder, builder.shl(const(1), pos))
-        for v in range(u):
-          held = builder.load(acc[v])
-          builder.store(builder.select(flags[v], builder.or_(held, bit),
-                                       held), acc[v])
-        with builder.if_then(builder.icmp_unsigned('==', pos, last)):
-          wrow = builder.lshr(block_row, const(5))
-          for v in range(u):
-            builder.store(builder.load(acc[v]),
-                          ptr(ba, bs, wrow, v * LANES * 4, ivec), align=4)
-            builder.store(splat(0), acc[v])
-
-      def held_bits():
-        return [builder.load(a) for a in acc]
-
-      def restore_bits(held):
-        for slot, h in zip(acc, held):
-          builder.store(h, slot)
-
-      with cgutils.for_range(builder, count) as group:
-        first = builder.mul(group.index, m)
-        base = builder.add(wa, builder.mul(ws, first))
-        obase = builder.add(oa, builder.mul(os_, first))
-        _group(builder, k, top, u, m, base, obase, first, raw, key, keys,
-               magnitude_bits, cap, write, held_bits, restore_bits, state,
-               smax, smin, splat, const, ivec, once=out == 'refill' and top)
-
-    def codegen(context, builder, signature, args):
-      del signature
-      emit(builder, args)
-      return context.get_dummy_value()
-
     return sig, codegen
 
   return strip
@@ -298,9 +324,11 @@ def _strip_pass(k: int, top: bool, u: int, dtype: str, out: str):
 
 def _group(builder, k, top, u, m, base, obase, first, raw, key, keys,
            magnitude_bits, cap, write, held_bits, restore_bits, state, smax,
-           smin, splat, const, ivec, once=False):
+           smin, splat, const, ivec, once=False, phase=None, phase_args=()):
   """The selection and the write pass of one group of m rows (held_bits
-  and restore_bits: the 'rows' bits not yet stored, read and put back).
+  and restore_bits: the 'rows' bits not yet stored, read and put back);
+  or, by `phase` (see `_strip_pass`), the selection's merges of rows
+  [row0, row1) into lists kept at an address, or the rest from them.
   `once`: the write pass applies the tie rule from the start and never
   writes a group twice (top K only), so an output written over its input
   (SR-STE's refill over g) reads each input row before writing it."""
@@ -372,19 +400,57 @@ def _group(builder, k, top, u, m, base, obase, first, raw, key, keys,
   def capped(t):
     return smin(t, splat(cap))
 
-  for v, xs in enumerate(sorted_chunk(const(0))):
+  def start_lists():
+    for v, xs in enumerate(sorted_chunk(const(0))):
+      for i in range(size):
+        builder.store(xs[i], lists[i][v])
+
+  def merge_rows(row0, row1):   # Whole chunks.
+    n = builder.udiv(builder.sub(row1, row0), const(size))
+    with cgutils.for_range(builder, n) as loop:
+      start = builder.add(row0, builder.mul(loop.index, const(size)))
+      for v, xs in enumerate(sorted_chunk(start)):
+        merge(xs, v)
+
+  def saved_list(saved, i, v):
+    at = builder.add(saved, const((i * u + v) * LANES * 4))
+    return builder.inttoptr(at, ivec.as_pointer())
+
+  if phase == 'select':
+    row0, row1, saved = phase_args
+    with builder.if_else(builder.icmp_unsigned('==', row0, const(0))) as (
+        starting, going_on):
+      with starting:
+        start_lists()
+      with going_on:
+        for i in range(size):
+          for v in range(u):
+            builder.store(builder.load(saved_list(saved, i, v), align=4),
+                          lists[i][v])
+    merge_rows(builder.select(builder.icmp_unsigned('==', row0, const(0)),
+                              const(size), row0), row1)
     for i in range(size):
-      builder.store(xs[i], lists[i][v])
+      for v in range(u):
+        builder.store(builder.load(lists[i][v]), saved_list(saved, i, v),
+                      align=4)
+    return
+
   chunks = builder.udiv(m, const(size))
   rest = builder.sub(m, builder.mul(chunks, const(size)))
   whole = builder.icmp_unsigned('==', rest, const(0))
-  merged = builder.sub(chunks, const(1))
-  if k == size:   # The last chunk is read apart when there is no rest.
-    merged = builder.sub(merged, builder.zext(whole, merged.type))
-  with cgutils.for_range(builder, merged) as loop:
-    start = builder.mul(builder.add(loop.index, const(1)), const(size))
-    for v, xs in enumerate(sorted_chunk(start)):
-      merge(xs, v)
+  if phase == 'finish':
+    saved = phase_args[2]
+    for i in range(size):
+      for v in range(u):
+        builder.store(builder.load(saved_list(saved, i, v), align=4),
+                      lists[i][v])
+  else:
+    start_lists()
+    merged = builder.sub(chunks, const(1))
+    if k == size:   # The last chunk is read apart when there is no rest.
+      merged = builder.sub(merged, builder.zext(whole, merged.type))
+    merge_rows(const(size), builder.mul(builder.add(merged, const(1)),
+                                        const(size)))
 
   def from_lists():
     # Rows past the last whole chunk (M not a multiple of size): inserted
@@ -501,6 +567,54 @@ def {name}(wa, ma, groups, m, b):
       _narrow(wa + off * {size}, ma + off, 0, m, b * {size}, b, 0, 1, 0.0)
 '''
 
+# The mask of 1 < K <= PHASED_K, groups of PHASE_FROM rows and more (more
+# than one phase): a block of strips (BLOCK_BYTES of each row) at a time,
+# the selection PHASE_ROWS rows at a time over every strip of the block (the
+# strips' lists kept in memory between phases), then each strip's write
+# pass. A strip alone reads its group's M rows 64 or 128 bytes at a time, M
+# streams at once, more than the hardware prefetchers follow (on one core of
+# the 2-core Xeon, 768x3072: the K = 1 kernel took 0.11-0.13 ns a weight at
+# every M from a kernel in L2, 0.22 at 1:16 and 0.33 at 1:256 from L3); a
+# phase reads PHASE_ROWS rows a whole block at a time, and the write passes
+# find the block in L2. Measured against the strips alone (768x3072, min of
+# 7 interleaved samples, 2026-12-07): one core, 8:128 0.37 instead of 0.41
+# ns a weight, 8:256 0.47 / 0.53, 8:64 0.35 / 0.36; both cores, 8:128 0.23 /
+# 0.26, 8:256 and 8:64 within 5 %. Not for K = 32 (32 lists to keep: 32:128
+# took 0.80 instead of 0.64).
+_PHASED_DRIVER_SOURCE = '''
+def {name}(wa, ma, groups, m, b):
+  """The mask of a (groups, m, b) kernel at wa into ma (addresses)."""
+  chunks = m // {chunk}
+  end = (chunks - ({chunk} == {k} and m == chunks * {chunk})) * {chunk}
+  if m < {phase_from} or end <= {phase_rows}:
+    _whole(wa, ma, groups, m, b)
+    return
+  wide = b // {width}
+  blocks = (wide + {block} - 1) // {block}
+  per = blocks + (b - wide * {width}) // {lanes}
+  for item in {loop}(groups * per):
+    g = item // per
+    s = item - g * per
+    if s >= blocks:
+      off = g * m * b + wide * {width} + (s - blocks) * {lanes}
+      _narrow(wa + off * {size}, ma + off, 0, m, b * {size}, b, 0, 1, 0.0)
+      continue
+    first = s * {block}
+    n = min({block}, wide - first)
+    lists = np.empty(n * {list_words}, np.int32)
+    la = lists.ctypes.data
+    off = g * m * b + first * {width}
+    for r0 in range(0, end, {phase_rows}):
+      r1 = min(r0 + {phase_rows}, end)
+      for t in range(n):
+        _select(wa + (off + t * {width}) * {size}, 0, 0, m, b * {size}, 0, 0,
+                1, 0.0, r0, r1, la + t * {list_words} * 4)
+    for t in range(n):
+      at = off + t * {width}
+      _finish(wa + at * {size}, ma + at, 0, m, b * {size}, b, 0, 1, 0.0, 0, 0,
+              la + t * {list_words} * 4)
+'''
+
 _SCALAR_DRIVER_SOURCE = '''
 def {name}(wa, oa, ba, aa, na, rows, m, b, rows_per_kernel):
   """A (rows / m, m, b) float32 kernel at wa: w_eff into oa and bits into ba
@@ -551,8 +665,20 @@ def _unroll(k: int) -> int:
 def _driver(k: int, top: bool, dtype: str, parallel: bool):
   name = (f'_mask_{dtype}_k{k}_{"top" if top else "bottom"}_'
           f'{"parallel" if parallel else "serial"}')
-  return _compile_driver(name, _DRIVER_SOURCE, 5, k, top, dtype, 'mask',
-                         parallel, size=_DTYPES[dtype][0] // 8)
+  size = _DTYPES[dtype][0] // 8
+  if not 1 < k <= PHASED_K:
+    return _compile_driver(name, _DRIVER_SOURCE, 5, k, top, dtype, 'mask',
+                           parallel, size=size)
+  u = _unroll(k)
+  chunk = 1 << (k - 1).bit_length()
+  whole = _compile_driver(name + '_whole', _DRIVER_SOURCE, 5, k, top, dtype,
+                          'mask', parallel, size=size)
+  return _compile_driver(
+      name, _PHASED_DRIVER_SOURCE, 5, k, top, dtype, 'mask', parallel,
+      size=size, chunk=chunk, phase_from=PHASE_FROM,
+      phase_rows=max(PHASE_ROWS, chunk),
+      block=BLOCK_BYTES // (u * LANES * size), list_words=chunk * u * LANES,
+      whole=whole)
 
 
 @functools.cache
@@ -571,10 +697,14 @@ def _compile_driver(name, template, nargs, k, top, dtype, out, parallel,
   namespace = {'_wide': _strip_pass(k, top, u, dtype, out),
                '_narrow': _strip_pass(k, top, 1, dtype, out),
                '_as_f32': numba_ffi.as_f32, '_prefetch_rows': _prefetch_rows,
-               'numba': numba, '__name__': __name__}
+               'numba': numba, 'np': np, '__name__': __name__}
+  if 'whole' in fields:
+    namespace['_whole'] = fields.pop('whole')
+    namespace['_select'] = _strip_pass(k, top, u, dtype, out, 'select')
+    namespace['_finish'] = _strip_pass(k, top, u, dtype, out, 'finish')
   name += _tag(k)
   source = template.format(
-      name=name, width=u * LANES, lanes=LANES, out=out,
+      name=name, width=u * LANES, lanes=LANES, out=out, k=k,
       loop='numba.prange' if parallel else 'range', ahead=PREFETCH_AHEAD,
       **fields)
   exec(compile(source, __file__, 'exec'), namespace)  # noqa: S102
