@@ -114,9 +114,9 @@ def test_kernel_caps_infinite_keys_before_the_write_pass(n, m):
                                         (3, 80, jnp.float32)])
 def test_kernel_phased_selection_equals_reference(n, m, dtype):
   """Groups of PHASE_FROM rows and more: the selection a phase of rows at a
-  time over a block of strips, their lists kept in memory. Rows of two
-  blocks, the second part full (1072 = 33 wide strips of 32 float32 columns
-  and one narrow strip), hard groups in each."""
+  time over a block of strips, their lists kept in memory. At 8:128 and
+  120:128 rows of two blocks, the second part full (1072 = 33 wide strips of
+  32 float32 columns, 32 to a block, and one narrow strip); hard groups."""
   from pgf.sparsity import mask_kernel
   k = min(n, m - n)
   assert m >= mask_kernel.PHASE_FROM and 1 < k <= mask_kernel.PHASED_K

@@ -105,7 +105,7 @@ PREFETCH_AHEAD = 2
 PHASED_K = 16
 PHASE_FROM = 64
 PHASE_ROWS = 32
-BLOCK_BYTES = 4096
+BLOCK_GROUP_BYTES = 1 << 19
 
 # dtype -> (bits per weight, magnitude bits, cap): the keys of `nm_mask`
 # (the cap: the largest finite value's bits for float32, the infinity's for
@@ -568,19 +568,21 @@ def {name}(wa, ma, groups, m, b):
 '''
 
 # The mask of 1 < K <= PHASED_K, groups of PHASE_FROM rows and more (more
-# than one phase): a block of strips (BLOCK_BYTES of each row) at a time,
-# the selection PHASE_ROWS rows at a time over every strip of the block (the
-# strips' lists kept in memory between phases), then each strip's write
-# pass. A strip alone reads its group's M rows 64 or 128 bytes at a time, M
-# streams at once, more than the hardware prefetchers follow (on one core of
-# the 2-core Xeon, 768x3072: the K = 1 kernel took 0.11-0.13 ns a weight at
-# every M from a kernel in L2, 0.22 at 1:16 and 0.33 at 1:256 from L3); a
-# phase reads PHASE_ROWS rows a whole block at a time, and the write passes
-# find the block in L2. Measured against the strips alone (768x3072, min of
-# 7 interleaved samples, 2026-12-07): one core, 8:128 0.37 instead of 0.41
-# ns a weight, 8:256 0.47 / 0.53, 8:64 0.35 / 0.36; both cores, 8:128 0.23 /
-# 0.26, 8:256 and 8:64 within 5 %. Not for K = 32 (32 lists to keep: 32:128
-# took 0.80 instead of 0.64).
+# than one phase): a block of strips (BLOCK_GROUP_BYTES of the group: 4 KB
+# of each row at M = 128, float32) at a time, the selection PHASE_ROWS rows
+# at a time over every strip of the block (the strips' lists kept in memory
+# between phases), then each strip's write pass. A strip alone reads its
+# group's M rows 64 or 128 bytes at a time, M streams at once, more than the
+# hardware prefetchers follow (on one core of the 2-core Xeon, 768x3072: the
+# K = 1 kernel took 0.11-0.13 ns a weight at every M from a kernel in L2,
+# 0.22 at 1:16 and 0.33 at 1:256 from L3); a phase reads PHASE_ROWS rows a
+# whole block at a time, and the write passes find the block in L2. Measured
+# against the strips alone (768x3072, min of 7 interleaved samples,
+# 2026-12-07): one core, 8:128 0.37 instead of 0.41 ns a weight, 8:256 0.47
+# / 0.53, 8:64 0.35 / 0.36; both cores, 8:128 0.23 / 0.26, 8:256 and 8:64
+# within 5 %. Not for K = 32 (32 lists to keep: 32:128 took 0.80 instead of
+# 0.64). Blocks of 4 KB a row at every M took 0.27 instead of 0.24 ns a
+# weight at 8:256 on both cores.
 _PHASED_DRIVER_SOURCE = '''
 def {name}(wa, ma, groups, m, b):
   """The mask of a (groups, m, b) kernel at wa into ma (addresses)."""
@@ -590,7 +592,8 @@ def {name}(wa, ma, groups, m, b):
     _whole(wa, ma, groups, m, b)
     return
   wide = b // {width}
-  blocks = (wide + {block} - 1) // {block}
+  block = max(1, {block_group_bytes} // (m * {width} * {size}))
+  blocks = (wide + block - 1) // block
   per = blocks + (b - wide * {width}) // {lanes}
   for item in {loop}(groups * per):
     g = item // per
@@ -599,8 +602,8 @@ def {name}(wa, ma, groups, m, b):
       off = g * m * b + wide * {width} + (s - blocks) * {lanes}
       _narrow(wa + off * {size}, ma + off, 0, m, b * {size}, b, 0, 1, 0.0)
       continue
-    first = s * {block}
-    n = min({block}, wide - first)
+    first = s * block
+    n = min(block, wide - first)
     lists = np.empty(n * {list_words}, np.int32)
     la = lists.ctypes.data
     off = g * m * b + first * {width}
@@ -677,7 +680,7 @@ def _driver(k: int, top: bool, dtype: str, parallel: bool):
       name, _PHASED_DRIVER_SOURCE, 5, k, top, dtype, 'mask', parallel,
       size=size, chunk=chunk, phase_from=PHASE_FROM,
       phase_rows=max(PHASE_ROWS, chunk),
-      block=BLOCK_BYTES // (u * LANES * size), list_words=chunk * u * LANES,
+      block_group_bytes=BLOCK_GROUP_BYTES, list_words=chunk * u * LANES,
       whole=whole)
 
 
