@@ -582,7 +582,11 @@ def {name}(wa, ma, groups, m, b):
 # / 0.53, 8:64 0.35 / 0.36; both cores, 8:128 0.23 / 0.26, 8:256 and 8:64
 # within 5 %. Not for K = 32 (32 lists to keep: 32:128 took 0.80 instead of
 # 0.64). Blocks of 4 KB a row at every M took 0.27 instead of 0.24 ns a
-# weight at 8:256 on both cores.
+# weight at 8:256 on both cores. The fused outputs' driver phased the same
+# way (tried 2026-12-08) was no faster: w_eff and bits over T5-Base's 72 FF
+# kernels (`experiments/bench/ff_passes.py`, min of 5, two alternating runs
+# each) took 57-60 against 54-56 ms at 8:64 and 106-112 against 110-111 at
+# 8:256.
 _PHASED_DRIVER_SOURCE = '''
 def {name}(wa, ma, groups, m, b):
   """The mask of a (groups, m, b) kernel at wa into ma (addresses)."""
