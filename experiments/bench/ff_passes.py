@@ -11,7 +11,9 @@ for SR-STE, the refill of the gradient (`core.srste_gradient`). This times
 each over all 72 kernels in one jitted call against an XLA elementwise pass
 with the same inputs and outputs (`w * 2 + 1`: one array in, one out;
 `g + c * w`: two in, one out), in interleaved samples, every call writing
-over its last results (donated, as in `sparse_work_fn`). Prints ms (min /
+over its last results (donated, as in `sparse_work_fn`; the refill and its
+plain pass take g donated and get their last results as g, so that the
+refill can write over g in place as in the step). Prints ms (min /
 median) and each pass over its plain pass. `--no_prefetch` compiles the CPU
 kernels without their software prefetch (`mask_kernel.PREFETCH_AHEAD`), for
 an A/B.
@@ -50,6 +52,20 @@ def _donating(fn):
   return call
 
 
+def _refilling(fn, gs):
+  """fn(gs, *args) -> new gs, jitted to take gs donated and fed its last
+  results (as the step's gradients are temporaries the refill may write
+  over: a gradient XLA must keep is copied before the in-place kernel)."""
+  jitted = jax.jit(fn, donate_argnums=0)
+  state = {'gs': [jnp.array(g) for g in gs]}
+
+  def call(*args):
+    state['gs'] = jitted(state['gs'], *args)
+    return state['gs']
+
+  return call
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--repeats', type=int, default=9)
@@ -74,11 +90,11 @@ def main():
                             for w, b in zip(ws, bits)]), (ws, bits)),
       'plain pass w * 2 + 1': (_donating(
           lambda ws: [w * 2 + 1 for w in ws]), (ws,)),
-      'SR-STE refill': (_donating(
+      'SR-STE refill': (_refilling(
           lambda gs, ws: [core.srste_gradient(g, w, nm, (0,), lam)
-                          for g, w in zip(gs, ws)]), (gs, ws)),
-      'plain pass g + c * w': (_donating(
-          lambda gs, ws: [g + lam * w for g, w in zip(gs, ws)]), (gs, ws)),
+                          for g, w in zip(gs, ws)], gs), (ws,)),
+      'plain pass g + c * w': (_refilling(
+          lambda gs, ws: [g + lam * w for g, w in zip(gs, ws)], gs), (ws,)),
   }
   samples = {name: [] for name in calls}
   for _ in range(args.repeats):
