@@ -357,7 +357,7 @@ def _group(builder, k, top, u, m, base, obase, first, raw, key, keys,
   # each further sorted chunk merged into it. Where K = size and the chunks
   # cover the group, the last chunk is not merged: the K-th key T is the
   # worst of the bitonic list its merge would sort.
-  size = 1 << (k - 1).bit_length()
+  size = _list_size(k)
   lists = [state(0) for _ in range(size)]   # The first chunk fills them.
   better, worse = (smax, smin) if top else (smin, smax)
   thresh, need = state(0), state(0)
@@ -412,38 +412,34 @@ def _group(builder, k, top, u, m, base, obase, first, raw, key, keys,
       for v, xs in enumerate(sorted_chunk(start)):
         merge(xs, v)
 
-  def saved_list(saved, i, v):
-    at = builder.add(saved, const((i * u + v) * LANES * 4))
-    return builder.inttoptr(at, ivec.as_pointer())
+  def saved_lists(saved):   # (kept, saved) pointer pairs.
+    for i in range(size):
+      for v in range(u):
+        at = builder.add(saved, const((i * u + v) * LANES * 4))
+        yield lists[i][v], builder.inttoptr(at, ivec.as_pointer())
+
+  def load_lists(saved):
+    for kept, at in saved_lists(saved):
+      builder.store(builder.load(at, align=4), kept)
 
   if phase == 'select':
     row0, row1, saved = phase_args
-    with builder.if_else(builder.icmp_unsigned('==', row0, const(0))) as (
-        starting, going_on):
-      with starting:
+    starting = builder.icmp_unsigned('==', row0, const(0))
+    with builder.if_else(starting) as (start, going_on):
+      with start:
         start_lists()
       with going_on:
-        for i in range(size):
-          for v in range(u):
-            builder.store(builder.load(saved_list(saved, i, v), align=4),
-                          lists[i][v])
-    merge_rows(builder.select(builder.icmp_unsigned('==', row0, const(0)),
-                              const(size), row0), row1)
-    for i in range(size):
-      for v in range(u):
-        builder.store(builder.load(lists[i][v]), saved_list(saved, i, v),
-                      align=4)
+        load_lists(saved)
+    merge_rows(builder.select(starting, const(size), row0), row1)
+    for kept, at in saved_lists(saved):
+      builder.store(builder.load(kept), at, align=4)
     return
 
   chunks = builder.udiv(m, const(size))
   rest = builder.sub(m, builder.mul(chunks, const(size)))
   whole = builder.icmp_unsigned('==', rest, const(0))
   if phase == 'finish':
-    saved = phase_args[2]
-    for i in range(size):
-      for v in range(u):
-        builder.store(builder.load(saved_list(saved, i, v), align=4),
-                      lists[i][v])
+    load_lists(phase_args[2])
   else:
     start_lists()
     merged = builder.sub(chunks, const(1))
@@ -663,6 +659,12 @@ def {name}(wa, oa, ba, aa, na, rows, m, b, rows_per_kernel):
 '''
 
 
+def _list_size(k: int) -> int:
+  """The length of a strip's lists (and chunks) for K > 1: K rounded up to
+  a power of two."""
+  return 1 << (k - 1).bit_length()
+
+
 def _unroll(k: int) -> int:
   """Vectors per strip: as many as the registers hold with the lists."""
   return UNROLL[min(k, 16)]
@@ -677,7 +679,7 @@ def _driver(k: int, top: bool, dtype: str, parallel: bool):
     return _compile_driver(name, _DRIVER_SOURCE, 5, k, top, dtype, 'mask',
                            parallel, size=size)
   u = _unroll(k)
-  chunk = 1 << (k - 1).bit_length()
+  chunk = _list_size(k)
   whole = _compile_driver(name + '_whole', _DRIVER_SOURCE, 5, k, top, dtype,
                           'mask', parallel, size=size)
   return _compile_driver(
@@ -697,7 +699,7 @@ def _scalar_driver(k: int, top: bool, out: str, parallel: bool):
 
 
 def _compile_driver(name, template, nargs, k, top, dtype, out, parallel,
-                    **fields):
+                    whole=None, **fields):
   """The driver `name` from `template`: int64 arguments, its strips the
   strip passes of (k, top, dtype, out), wide and narrow."""
   u = _unroll(k)
@@ -705,8 +707,8 @@ def _compile_driver(name, template, nargs, k, top, dtype, out, parallel,
                '_narrow': _strip_pass(k, top, 1, dtype, out),
                '_as_f32': numba_ffi.as_f32, '_prefetch_rows': _prefetch_rows,
                'numba': numba, 'np': np, '__name__': __name__}
-  if 'whole' in fields:
-    namespace['_whole'] = fields.pop('whole')
+  if whole is not None:   # A phased template: `whole` takes the rest.
+    namespace['_whole'] = whole
     namespace['_select'] = _strip_pass(k, top, u, dtype, out, 'select')
     namespace['_finish'] = _strip_pass(k, top, u, dtype, out, 'finish')
   name += _tag(k)
