@@ -378,3 +378,35 @@ def test_gpu_check_script_runs_tiny(tmp_path):
   text = (tmp_path / f'gpu_check_tiny_{platform}.md').read_text()
   assert '## Compiles over an SdGf schedule' in text
   assert '| x floor paired | x two passes |' in text
+
+
+def _step_profile():
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'experiments', 'bench', 'step_profile.py')
+  spec = importlib.util.spec_from_file_location('step_profile', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_step_profile_times_each_op_kind_and_its_time_alone():
+  # Two worker threads over 2 steps (times in us). Thread 1 runs
+  # ffi_call.3 over [0, 1000] and [5000, 6000]; thread 2 runs fusions over
+  # [0, 300] and [800, 2000] (overlapping the first call for 500 us) and
+  # nothing during the second. A host event is not an op.
+  p = _step_profile()
+  ev = [dict(name='ffi_call.3', tid=1, ts=0, dur=1000),
+        dict(name='ffi_call.12', tid=1, ts=5000, dur=1000),
+        dict(name='add_fusion.1', tid=2, ts=0, dur=300),
+        dict(name='add_fusion', tid=2, ts=800, dur=1200),
+        dict(name='dot.7', tid=2, ts=2500, dur=100),
+        dict(name='dot.7', tid=1, ts=7000, dur=50)]
+  ev = [dict(e, ph='X') for e in ev]
+  s = p.summary(ev, 2)
+  assert s['ffi_call'] == pytest.approx(dict(ms=1.0, calls=1.0, alone=0.75))
+  assert s['add_fusion'] == pytest.approx(dict(ms=0.75, calls=1.0,
+                                               alone=0.5))
+  assert s['dot'] == pytest.approx(dict(ms=0.075, calls=1.0, alone=0.075))
+  text = p.table({'dot': s['dot']}, s)
+  assert '| ffi_call | 0.0 | 1.0 | +1.0 | 1 | 0.8 |' in text
