@@ -294,6 +294,12 @@ def test_mask_markdown_counts_rows_against_the_goal(tmp_path):
           '1.00x') in text
   assert '| 8:16 | 0.300 / 0.300 | 3.00 | 2.50 |' in text
   assert 'A CPU, 2 CPUs; JAX 0, numba 0.' in text and 'Idle.' in text
+  # Runs that recorded numba's threading layer name it.
+  path.write_text(json.dumps(dict(
+      out, numba_threading='numba 0 (threading layer tbb)')))
+  bench_masks.write_markdown(str(path))
+  assert 'JAX 0, numba 0 (threading layer tbb).' in (
+      tmp_path / 'masks.md').read_text()
 
 
 def test_inference_samples_follow_untimed_calls(monkeypatch):

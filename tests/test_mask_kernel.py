@@ -6,6 +6,7 @@ jit, grad; and the choice itself.
 """
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -138,6 +139,12 @@ def test_kernel_large_kernel_runs_in_parallel_and_equals_reference():
     got = np.asarray(jax.jit(lambda w, nm=nm: nm_mask(w, nm, impl='kernel'))(
         w))
     np.testing.assert_array_equal(got, nm_mask_reference(w, nm))
+  # Where pgf installs `tbb` (setup.py) numba ran them on TBB, whose caller
+  # works while the pool's threads wake, not on OpenMP's fork and join.
+  if (sys.platform == 'linux' and platform.machine() == 'x86_64'
+      and not os.environ.get('NUMBA_THREADING_LAYER')):
+    import numba
+    assert numba.threading_layer() == 'tbb'
 
 
 def test_kernel_under_vmap_grad_and_eager():

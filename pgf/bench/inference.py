@@ -277,8 +277,7 @@ def main(argv):
     rows += t5_decode_rows(backend=f.backend)
   load_after = os.getloadavg()
   if f.backend == 'cpu':
-    import numba
-    kernel = f'numba {numba.__version__}'
+    kernel = timing.numba_threading()
   else:
     kernel = f'{f.backend} on {jax.devices()[0].device_kind}'
   command = (f'python -m pgf.bench.inference --backend={f.backend} '

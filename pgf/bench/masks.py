@@ -461,7 +461,9 @@ def markdown(out: dict) -> str:
   start = ', '.join(f'{x:.2f}' for x in machine['load_average_start'])
   end = ', '.join(f'{x:.2f}' for x in machine['load_average_end'])
   versions = f'JAX {out["jax"]}'
-  if out.get('numba'):
+  if out.get('numba_threading'):
+    versions += f', {out["numba_threading"]}'
+  elif out.get('numba'):
     versions += f', numba {out["numba"]}'
   text = [
       f'# N:M masks vs a one-pass floor, {out["device"]}', '',
@@ -570,6 +572,7 @@ def main(argv):
                   'load_average_end': os.getloadavg(),
                   'memory_gb_per_s': bandwidth},
       'jax': jax.__version__, 'numba': numba.__version__,
+      'numba_threading': timing.numba_threading(),
       'device': jax.devices()[0].device_kind, 'note': FLAGS.note,
       'repeats': FLAGS.repeats, 'results': results, 'vit_ti_ff': small,
   }

@@ -67,3 +67,16 @@ def host_memory() -> str:
   mode is 'madvise'."""
   return (f"transparent huge pages '{thp_mode()}', GLIBC_TUNABLES="
           f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}")
+
+
+def numba_threading() -> str:
+  """numba's version and the threading layer its parallel kernels ran on
+  ('tbb', 'omp' or 'workqueue'; 'not started' before any ran): the layer
+  sets what a kernel call pays to wake the pool's threads
+  (`pgf.sparsity.mask_kernel`)."""
+  import numba  # Only where numba's kernels ran.
+  try:
+    layer = numba.threading_layer()
+  except ValueError:  # No parallel kernel has run in this process.
+    layer = 'not started'
+  return f'numba {numba.__version__} (threading layer {layer})'

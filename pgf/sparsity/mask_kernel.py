@@ -51,6 +51,19 @@ PARALLEL_ELEMENTS weights. (Running them on XLA's own intra-op thread pool,
 through the FFI's ThreadPool_Schedule, was tried on 2026-12-07 and was no
 faster: 0.40 vs 0.40-0.43 ms on a 768x2048 kernel, 71-76 vs 56-68 ms on
 T5-Base's 72 FF kernels, 2-core Xeon.)
+
+numba runs prange loops on TBB where the `tbb` package is installed (a
+dependency of pgf on Linux x86-64 and Windows), else on OpenMP. The pool's
+threads sleep between calls, and waking them is most of a call's time on
+small kernels: with OpenMP, whose fork and join waits for every thread, a
+call on a 64x512 kernel took 59-80 us instead of 3 us serial (passive
+waits, as set below), a 768x768 one 0.09-0.14 ms. TBB's caller takes on
+the strips while the others wake: 9-11 us and 0.04 ms, 768x3072 at 1:16
+0.23 instead of 0.32-0.34 ms (2-core Xeon VM, 2026-12-08, `_driver` called
+back to back or 30-200 us apart). Letting OpenMP's threads spin instead
+(GOMP_SPINCOUNT=10000) was as fast alone but, with two processes on the
+two cores, took 258 us a call on the 64x512 kernel against 8 with passive
+waits or TBB.
 """
 
 from __future__ import annotations
