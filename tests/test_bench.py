@@ -294,12 +294,28 @@ def test_mask_markdown_counts_rows_against_the_goal(tmp_path):
           '1.00x') in text
   assert '| 8:16 | 0.300 / 0.300 | 3.00 | 2.50 |' in text
   assert 'A CPU, 2 CPUs; JAX 0, numba 0.' in text and 'Idle.' in text
-  # Runs that recorded numba's threading layer name it.
+  # Runs that recorded numba's threading layer name it; the ViT-Ti table
+  # names the patterns it could not run.
+  small = {'float32': {'floor_ms': [0.5, 0.6], 'skipped': ['1:128'],
+                       'rows': [{'pattern': '1:8', 'min_ms': 0.6,
+                                 'median_ms': 0.7, 'x_floor': 1.2,
+                                 'x_floor_paired': 1.1}]}}
   path.write_text(json.dumps(dict(
-      out, numba_threading='numba 0 (threading layer tbb)')))
+      out, numba_threading='numba 0 (threading layer tbb)', vit_ti_ff=small)))
   bench_masks.write_markdown(str(path))
-  assert 'JAX 0, numba 0 (threading layer tbb).' in (
-      tmp_path / 'masks.md').read_text()
+  text = (tmp_path / 'masks.md').read_text()
+  assert 'JAX 0, numba 0 (threading layer tbb).' in text
+  assert 'Floor 0.500 ms. Not run: 1:128 (M does not divide 192).' in text
+  assert '| 1:8 | 0.600 / 0.700 | 1.20 | 1.10 |' in text
+
+
+def test_vit_ti_rows_take_the_patterns_that_divide_its_kernels():
+  # ViT-Ti's FF kernels group 192 and 768 weights: 1:128 and 8:256 cannot
+  # run there (the default patterns of the benchmark include them).
+  assert bench_masks._vit_ti_fits(masks.NM(8, 64))
+  assert bench_masks._vit_ti_fits(masks.NM(1, 32))
+  assert not bench_masks._vit_ti_fits(masks.NM(1, 128))
+  assert not bench_masks._vit_ti_fits(masks.NM(8, 256))
 
 
 def test_inference_samples_follow_untimed_calls(monkeypatch):
