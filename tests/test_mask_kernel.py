@@ -164,13 +164,14 @@ def test_kernel_under_vmap_grad_and_eager():
 
 def test_auto_takes_the_kernel_where_it_was_faster():
   """'auto' on this single-device process: the kernel for lists up to 32
-  from 2^19 weights; below, only for groups of 128 and more at K >= 2;
-  never past K = 32, for groups along the minor axis, inner lengths that
-  are not a multiple of 16, or with 'xla'. Every choice gives
+  from 2^19 weights; below, at K >= 2 from 2^17 weights or for groups of
+  128 and more; never past K = 32, for groups along the minor axis, inner
+  lengths that are not a multiple of 16, or with 'xla'. Every choice gives
   the same mask (the tests above)."""
   assert len(jax.local_devices(backend='cpu')) == 1
   big = jax.ShapeDtypeStruct((1024, 512), jnp.float32)      # 2^19 weights
   small = jax.ShapeDtypeStruct((1024, 496), jnp.float32)
+  smaller = jax.ShapeDtypeStruct((256, 496), jnp.float32)   # < 2^17
   cases = {
       ('big', '1:32'): (big, NM(1, 32), 0, None, 1),
       ('big', '31:32'): (big, NM(31, 32), 0, None, 1),
@@ -186,8 +187,12 @@ def test_auto_takes_the_kernel_where_it_was_faster():
       ('big', 'K 64'): (big, NM(64, 128), 0, None, 0),
       ('big', 'xla'): (big, NM(1, 32), 0, 'xla', 0),
       ('small', '8:128'): (small, NM(8, 128), 0, None, 1),
-      ('small', '8:64'): (small, NM(8, 64), 0, None, 0),
+      ('small', '8:64'): (small, NM(8, 64), 0, None, 1),
+      ('small', '2:4'): (small, NM(2, 4), 0, None, 1),
+      ('small', '1:16'): (small, NM(1, 16), 0, None, 0),
       ('small', '1:128'): (small, NM(1, 128), 0, None, 0),
+      ('smaller', '8:64'): (smaller, NM(8, 64), 0, None, 0),
+      ('smaller', '8:128'): (smaller, NM(8, 128), 0, None, 1),
       ('small', 'kernel'): (small, NM(2, 4), 0, 'kernel', 1),
       ('small', 'kernel K 16'): (small, NM(16, 32), 0, 'kernel', 1),
   }

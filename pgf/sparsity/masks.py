@@ -200,11 +200,19 @@ def _kernel_applies(g: jax.Array, n: int, impl: str) -> bool:
   # been even with XLA's ops) and, on smaller ones (not measured), groups of
   # _KERNEL_MIN_WIDE at K >= 2 (0.57-0.74x on the 768 x 768 kernels, 15:37
   # UTC). (On the AMD VM of 2026-12-04, with the kernel's narrower strips of
-  # then, XLA's masks were as fast or faster for M <= 16.)
+  # then, XLA's masks were as fast or faster for M <= 16.) Since numba's
+  # kernels run on TBB (2026-12-08), K >= 2 from _KERNEL_MIN_SIZE_K2 too:
+  # on ViT-Ti/16's 24 FF kernels of 147,456 weights in one call
+  # (`PGF_MASK_KERNEL=kernel` and `=xla`, `python -m pgf.bench.masks
+  # --shapes=vit_ti_ff --impls=xla`, two alternating runs) the kernel took
+  # 0.75-0.87x XLA's min time at 2:4, 4:8, 1:32, 8:64 and 32:64, but
+  # 0.97-1.13x at 1:8 and 1:16.
   m = g.shape[1]
   k = min(n, m - n)
   size = int(np.prod(g.shape))
-  return size >= _KERNEL_MIN_SIZE or (k >= 2 and m >= _KERNEL_MIN_WIDE)
+  return (size >= _KERNEL_MIN_SIZE
+          or (k >= 2 and (m >= _KERNEL_MIN_WIDE
+                          or size >= _KERNEL_MIN_SIZE_K2)))
 
 
 def kernel_possible(shape: Sequence[int], dtype, n: int, impl: str) -> bool:
@@ -278,6 +286,7 @@ _MAX_NETWORK = 32
 # XLA's ops; pgf.sparsity.mask_kernel is not imported here: it needs numba).
 _KERNEL_MAX_K = 32
 _KERNEL_MIN_SIZE = 1 << 19
+_KERNEL_MIN_SIZE_K2 = 1 << 17
 _KERNEL_MIN_WIDE = 128
 
 
