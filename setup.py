@@ -39,13 +39,10 @@ setuptools.setup(
         'tensorboardX>=2.6',
         'tensorflow-datasets>=4.9.8',
         # Intel oneTBB: numba runs its parallel kernels on TBB where it is
-        # installed (else OpenMP). TBB's caller takes on the work while the
-        # pool's threads wake, where OpenMP's fork and join waits for them:
-        # one mask kernel call took 0.04 instead of 0.10-0.14 ms on a
-        # 768x768 kernel, 0.23 instead of 0.32-0.34 on 768x3072, and no
-        # more when two processes share the cores (2-core Xeon VM,
-        # 2026-12-08; pgf.sparsity.mask_kernel). Wheels: Linux x86-64 and
-        # Windows; elsewhere numba keeps OpenMP.
+        # installed (else on OpenMP, whose fork and join cost most of a
+        # small kernel's call; measured in pgf.sparsity.mask_kernel's
+        # docstring). Wheels: Linux x86-64 and Windows; elsewhere numba
+        # keeps OpenMP.
         'tbb>=2021.6; (sys_platform == "linux" and platform_machine == '
         '"x86_64") or (sys_platform == "win32" and platform_machine == '
         '"AMD64")',

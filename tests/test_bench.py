@@ -1,5 +1,6 @@
 """The benchmarks' plumbing (no timed assertions: speed lives in tables)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -403,9 +404,7 @@ def test_gpu_check_script_runs_tiny(tmp_path):
 
 
 def _step_profile():
-  import importlib.util
-  path = os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), 'experiments', 'bench', 'step_profile.py')
+  path = os.path.join(ROOT, 'experiments', 'bench', 'step_profile.py')
   spec = importlib.util.spec_from_file_location('step_profile', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -364,6 +364,12 @@ def _vit_ti_fits(nm) -> bool:
              for shape, axes in VIT_TI_FF)
 
 
+def _not_run(skipped) -> str:
+  """The note on the ViT-Ti patterns `_vit_ti_fits` left out, or ''."""
+  return (f'Not run: {", ".join(skipped)} (M does not divide 192).'
+          if skipped else '')
+
+
 def _bench_vit_ti_ff(dtype, patterns, rng):
   skipped = [str(nm) for nm in patterns if not _vit_ti_fits(nm)]
   patterns = [nm for nm in patterns if _vit_ti_fits(nm)]
@@ -515,12 +521,10 @@ def markdown(out: dict) -> str:
       text.append('| ' + ' | '.join(cells) + ' |')
   small = out.get('vit_ti_ff')
   for dtype, res in (small or {}).items():
-    skipped = res.get('skipped')
     text += ['', f'## ViT-Ti/16 FF kernels (12 blocks x mlp/wi, mlp/wo), '
              f'{dtype}, one call', '',
-             f'Floor {res["floor_ms"][0]:.3f} ms.'
-             + (f' Not run: {", ".join(skipped)} (M does not divide 192).'
-                if skipped else ''), '',
+             f'Floor {res["floor_ms"][0]:.3f} ms. '
+             f'{_not_run(res.get("skipped"))}'.rstrip(), '',
              '| pattern | ms min/med | x floor | paired |',
              '| --- | --- | --- | --- |']
     text += [f'| {r["pattern"]} | {r["min_ms"]:.3f} / {r["median_ms"]:.3f} '
@@ -570,9 +574,8 @@ def main(argv):
     for dtype in FLAGS.dtypes:
       small[dtype] = _bench_vit_ti_ff(jnp.dtype(dtype), patterns, rng)
       print(f'\nViT-Ti/16 FF kernels (12 blocks x mlp/wi, mlp/wo) {dtype}: '
-            f'floor {small[dtype]["floor_ms"][0]:.3f} ms'
-            + (f'; not run: {", ".join(small[dtype]["skipped"])} (M does '
-               'not divide 192)' if small[dtype]['skipped'] else ''))
+            f'floor {small[dtype]["floor_ms"][0]:.3f} ms. '
+            f'{_not_run(small[dtype]["skipped"])}'.rstrip())
       for row in small[dtype]['rows']:
         print(f'{row["pattern"]:>8}  {row["min_ms"]:8.3f}/'
               f'{row["median_ms"]:<8.3f} ms  {row["x_floor"]:6.2f} x floor'
