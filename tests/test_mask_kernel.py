@@ -139,12 +139,28 @@ def test_kernel_large_kernel_runs_in_parallel_and_equals_reference():
     got = np.asarray(jax.jit(lambda w, nm=nm: nm_mask(w, nm, impl='kernel'))(
         w))
     np.testing.assert_array_equal(got, nm_mask_reference(w, nm))
-  # Where pgf installs `tbb` (setup.py) numba ran them on TBB, whose caller
-  # works while the pool's threads wake, not on OpenMP's fork and join.
-  if (sys.platform == 'linux' and platform.machine() == 'x86_64'
-      and not os.environ.get('NUMBA_THREADING_LAYER')):
-    import numba
-    assert numba.threading_layer() == 'tbb'
+
+
+@pytest.mark.skipif(sys.platform != 'linux' or platform.machine() != 'x86_64'
+                    or bool(os.environ.get('NUMBA_THREADING_LAYER')),
+                    reason='pgf installs tbb on Linux x86-64 (setup.py)')
+def test_kernels_run_on_tbb_where_pgf_installs_it():
+  """A fresh process runs the parallel mask kernel on TBB, whose caller
+  works while the pool's threads wake, not on OpenMP's fork and join. (In a
+  test worker the layer is the one the first parallel kernel of any earlier
+  test chose: a whole-suite run once saw another there, cause not found.)"""
+  code = (
+      'import jax, numpy as np, numba\n'
+      'from pgf.sparsity import NM, nm_mask\n'
+      'w = np.random.default_rng(0).normal(size=(768, 3072))'
+      '.astype(np.float32)\n'
+      'jax.block_until_ready(jax.jit(lambda w: nm_mask(w, NM(1, 32), '
+      'impl="kernel"))(w))\n'
+      'print(numba.threading_layer())\n')
+  out = subprocess.run([sys.executable, '-c', code], check=True,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                       capture_output=True, text=True).stdout
+  assert out.split() == ['tbb']
 
 
 def test_kernel_under_vmap_grad_and_eager():
